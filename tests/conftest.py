@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny models built in milliseconds, seeded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's checkpoint cache from a test."""
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path_factory.mktemp("sam-cache")))
+
+
+@pytest.fixture
+def tiny_model():
+    """A randomly initialised ``tiny_vit_b`` SAM (input 128 px), eval mode."""
+    from napari_sam.registry import build_model
+
+    from ._reference import randomize_
+
+    torch.manual_seed(0)
+    return randomize_(build_model("tiny_vit_b"), seed=0)
