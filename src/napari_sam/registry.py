@@ -125,23 +125,24 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     # Toy sizes of the same modules, for tests: build in well under a second.
     "tiny_vit_b": ModelConfig(
         "tiny_vit_b",
-        ViTConfig(
-            embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4
-        ),
+        ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4),
         img_size=128,
         prompt_embed_dim=32,
         decoder=_TINY_DECODER,
     ),
+    # MobileSAM's reference keeps stride 1 in the last patch merging only when its
+    # output width is 320/448/576, and its neck is fixed at 256 channels: a tiny
+    # config that the reference can mirror needs embed_dims[-1] = 320 and 256 here.
     "tiny_vit_t": ModelConfig(
         "tiny_vit_t",
         TinyViTConfig(
-            embed_dims=(8, 16, 24, 32),
+            embed_dims=(8, 16, 24, 320),
             depths=(1, 1, 2, 1),
             num_heads=(1, 2, 3, 4),
             window_sizes=(4, 4, 4, 2),
         ),
         img_size=128,
-        prompt_embed_dim=32,
+        prompt_embed_dim=256,
         decoder=_TINY_DECODER,
     ),
 }

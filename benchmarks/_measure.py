@@ -1,0 +1,85 @@
+"""Measurement helpers shared by the benchmarks: wall time medians and peak RSS.
+
+Peak memory is the process's resident-set high-water mark (``VmHWM``) above
+the RSS just before the measured call; Linux lets a process reset its own
+high-water mark (``/proc/self/clear_refs``), so both implementations can be
+measured in the same process, one call at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed call: wall seconds and peak RSS above the pre-call RSS (MiB)."""
+
+    seconds: float
+    peak_mib: float | None
+
+
+def measure(fn: Callable[[], object]) -> Measurement:
+    """Run ``fn`` once; return its wall time and peak RSS increase."""
+    gc.collect()
+    can_peak = _reset_peak()
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - before) / 1024 if can_peak else None
+    return Measurement(seconds, peak)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Medians over repeated measurements of one implementation."""
+
+    median_s: float
+    runs_s: list[float]
+    peak_mib: float | None
+
+
+def summarize(runs: list[Measurement]) -> Summary:
+    peaks = [r.peak_mib for r in runs if r.peak_mib is not None]
+    return Summary(
+        median_s=statistics.median(r.seconds for r in runs),
+        runs_s=[round(r.seconds, 4) for r in runs],
+        peak_mib=max(peaks) if peaks else None,
+    )
+
+
+def alternate(
+    ours: Callable[[], object], reference: Callable[[], object], *, repeats: int
+) -> tuple[Summary, Summary]:
+    """Time ``ours`` and ``reference`` alternately, ``repeats`` times each."""
+    mine: list[Measurement] = []
+    theirs: list[Measurement] = []
+    for _ in range(repeats):
+        mine.append(measure(ours))
+        theirs.append(measure(reference))
+    return summarize(mine), summarize(theirs)
+
+
+def as_dict(summary: Summary) -> dict:
+    return asdict(summary)
