@@ -86,6 +86,9 @@ def test_core_imports_without_gui_modules():
         "napari_sam.predict",
         "napari_sam.labels",
         "napari_sam.automatic",
+        "napari_sam.text",
+        "napari_sam.training",
+        "napari_sam.synthetic",
         "napari_sam.models.sam",
     ]
     code = (

@@ -34,6 +34,9 @@ _LAZY = {
     "generate_masks": "automatic",
     "MaskRecord": "automatic",
     "masks_to_labels": "labels",
+    "load_clip": "text",
+    "segment_text": "text",
+    "TextSegmentation": "text",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

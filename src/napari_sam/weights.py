@@ -41,6 +41,7 @@ from ._state_dict import (
     load_state_dict_into,
     read_state_dict,
 )
+from .data import DEMO_CHECKPOINT
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +112,9 @@ class CheckpointInfo:
     size: int | None
     note: str = ""
 
+
+#: Checkpoints that ship inside the package (no download): name -> file.
+PACKAGED_CHECKPOINTS: dict[str, Path] = {"demo": DEMO_CHECKPOINT}
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
@@ -183,6 +187,15 @@ def _resolve(name_or_path: str | os.PathLike[str] | CheckpointInfo) -> Checkpoin
         return name_or_path
     if isinstance(name_or_path, str) and name_or_path in KNOWN_CHECKPOINTS:
         return KNOWN_CHECKPOINTS[name_or_path]
+    if isinstance(name_or_path, str) and name_or_path in PACKAGED_CHECKPOINTS:
+        packaged = PACKAGED_CHECKPOINTS[name_or_path]
+        if packaged.is_file():
+            return packaged
+        raise CheckpointNotFoundError(
+            f"the {name_or_path!r} model ships inside napari-sam-lab, but its file "
+            f"{str(packaged)!r} is missing from this installation; reinstall the package "
+            "(pip install --force-reinstall napari-sam-lab)"
+        )
     if not isinstance(name_or_path, str | os.PathLike):
         raise TypeError(
             "name_or_path: expected a checkpoint name, a path or a CheckpointInfo, "
@@ -427,7 +440,8 @@ def load_model(
     ----------
     name_or_path : str, path or CheckpointInfo
         A known checkpoint name (``"vit_b"``, ``"vit_l"``, ``"vit_h"``,
-        ``"vit_t"``), fetched with :func:`fetch_checkpoint`; or a local
+        ``"vit_t"``), fetched with :func:`fetch_checkpoint`; ``"demo"``, the
+        small model that ships inside the package; or a local
         checkpoint file, whose architecture is inferred from its keys and
         shapes (:func:`infer_config`).
     device : str or torch.device
@@ -451,11 +465,12 @@ def load_model(
     """
     from .registry import MODEL_CONFIGS, build_model, get_config
 
-    if isinstance(name_or_path, str) and name_or_path not in KNOWN_CHECKPOINTS:
+    published = {**KNOWN_CHECKPOINTS, **PACKAGED_CHECKPOINTS}
+    if isinstance(name_or_path, str) and name_or_path not in published:
         if name_or_path in MODEL_CONFIGS and not Path(name_or_path).expanduser().is_file():
             raise ValueError(
                 f"name_or_path: model {name_or_path!r} has no published checkpoint "
-                f"(checkpoints: {', '.join(sorted(KNOWN_CHECKPOINTS))}); use "
+                f"(checkpoints: {', '.join(sorted(published))}); use "
                 f"build_model({name_or_path!r}) for random weights, or pass the path "
                 "of a checkpoint file"
             )
