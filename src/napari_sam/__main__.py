@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "demo"
+
+def _default_model() -> str:
+    """The packaged demo model when this build ships it (works offline), else SAM ViT-B."""
+    from .weights import PACKAGED_CHECKPOINTS
+
+    demo = PACKAGED_CHECKPOINTS.get("demo")
+    return "demo" if demo is not None and demo.is_file() else "vit_b"
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -40,7 +46,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def run_headless(out_dir: Path, *, model_name: str = DEFAULT_MODEL) -> dict:
+def run_headless(out_dir: Path, *, model_name: str | None = None) -> dict:
     """Segment the nuclei sample without napari and write the results.
 
     Parameters
@@ -48,8 +54,9 @@ def run_headless(out_dir: Path, *, model_name: str = DEFAULT_MODEL) -> dict:
     out_dir : Path
         Folder for ``clicks.npy``, ``automatic.npy``, ``overlay.png`` and
         ``summary.json`` (created if missing).
-    model_name : str
-        Model name or checkpoint path for :func:`napari_sam.load_model`.
+    model_name : str, optional
+        Model name or checkpoint path for :func:`napari_sam.load_model`;
+        default: the packaged ``demo`` model if this build has it, else ``vit_b``.
 
     Returns
     -------
@@ -64,6 +71,7 @@ def run_headless(out_dir: Path, *, model_name: str = DEFAULT_MODEL) -> dict:
     from .synthetic import demo_nuclei
     from .weights import load_model
 
+    model_name = model_name or _default_model()
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = demo_nuclei()
     model = load_model(model_name)
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m napari_sam", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--headless", metavar="OUT_DIR", type=Path, help="run without napari")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint file")
+    parser.add_argument("--model", default=None, help="model name or checkpoint file")
     parser.add_argument("--sample", default="nuclei", help="napari sample key (GUI only)")
     args = parser.parse_args(argv)
 

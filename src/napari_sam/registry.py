@@ -145,6 +145,27 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         prompt_embed_dim=256,
         decoder=_TINY_DECODER,
     ),
+    # The small model trained on synthetic microscopy that ships with the package
+    # (napari_sam/data/demo_sam.pt; see docs/demo-model.md and scripts/train_demo.py).
+    "demo": ModelConfig(
+        "demo",
+        ViTConfig(
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            global_attn_indexes=(1, 3),
+            patch_size=8,
+            window_size=8,
+        ),
+        img_size=256,
+        prompt_embed_dim=128,
+        decoder=DecoderConfig(
+            transformer_mlp_dim=512,
+            transformer_num_heads=4,
+            iou_head_hidden_dim=128,
+            mask_in_chans=16,
+        ),
+    ),
 }
 
 

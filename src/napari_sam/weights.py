@@ -192,9 +192,10 @@ def _resolve(name_or_path: str | os.PathLike[str] | CheckpointInfo) -> Checkpoin
         if packaged.is_file():
             return packaged
         raise CheckpointNotFoundError(
-            f"the {name_or_path!r} model ships inside napari-sam-lab, but its file "
-            f"{str(packaged)!r} is missing from this installation; reinstall the package "
-            "(pip install --force-reinstall napari-sam-lab)"
+            f"the {name_or_path!r} model is not in this installation (no file at "
+            f"{str(packaged)!r}): this build of napari-sam-lab ships without it. Train it "
+            "with scripts/train_demo.py (see docs/demo-model.md), or use a published "
+            f"checkpoint ({', '.join(sorted(KNOWN_CHECKPOINTS))}) or a local file"
         )
     if not isinstance(name_or_path, str | os.PathLike):
         raise TypeError(
