@@ -81,5 +81,30 @@ def alternate(
     return summarize(mine), summarize(theirs)
 
 
+def trimmed_peak(fn: Callable[[], object]) -> float | None:
+    """Peak RSS increase (MiB) of one call of ``fn``, started from a trimmed heap.
+
+    ``malloc_trim(0)`` first returns the memory freed by earlier calls (of
+    either implementation), so the call cannot reuse another's pages and
+    look smaller than it is. Linux/glibc only (None elsewhere).
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return measure(fn).peak_mib
+
+
+def alternate_all(calls: dict[str, Callable[[], object]], *, repeats: int) -> dict[str, Summary]:
+    """Time every call of ``calls`` in turn (a, b, c, a, b, c, ...), ``repeats`` times each."""
+    runs: dict[str, list[Measurement]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            runs[name].append(measure(fn))
+    return {name: summarize(r) for name, r in runs.items()}
+
+
 def as_dict(summary: Summary) -> dict:
     return asdict(summary)

@@ -240,7 +240,7 @@ def test_upscale_logits_matches_reference_postprocess(pair, cases):
 def test_predictor_wrapper_matches_functions(pair, cases):
     ours, _ = pair
     case = cases[(100, 37)]
-    predictor = Predictor(ours)
+    predictor = Predictor(ours, precision="exact")
     with pytest.raises(RuntimeError, match=r"call Predictor.set_image\(image\) before predict"):
         predictor.predict(points_xy=[[5, 5]], point_labels=[1])
     emb = predictor.set_image(case.image)

@@ -8,17 +8,25 @@ that remembers what produced it; ``predict_masks`` turns point and box prompts
 Prompts (points, labels, boxes, mask logits) follow the conventions of
 :mod:`napari_sam.prompts`: original-image pixels, one object per box, labels
 1 / 0 / -1 (padding), points off the image refused.
+
+Precision (see :mod:`napari_sam.precision`): :func:`encode_image` takes
+``precision`` (default ``"exact"``, float32 with the reference's results;
+``"auto"`` is bfloat16 where the hardware makes it fast) and the embedding
+keeps its dtype (half precision halves its memory); decoding follows the
+embedding's precision unless told otherwise. :class:`Predictor` defaults to
+``"auto"``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ._results import ImageEmbedding, LowResPrediction, MaskPrediction
+from .allocator import tuned_allocator
 from .image import (
     boxes_to_input_frame,
     input_shape_hw,
@@ -26,103 +34,13 @@ from .image import (
     prepare_image,
     to_model_input,
 )
+from .precision import cached_for, cast_module, compiled_module, resolve_precision
 from .prompts import validate_prompts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .models.sam import Sam
-
-
-@dataclass(frozen=True, eq=False)
-class ImageEmbedding:
-    """Image-encoder output for one image, and what produced it.
-
-    Attributes
-    ----------
-    features : Tensor of shape (1, C, h, w)
-        Image embedding on the model's device.
-    original_hw : (int, int)
-        ``(H, W)`` of the image the prompts refer to.
-    input_hw : (int, int)
-        ``(h, w)`` of the resized image inside the padded model input.
-    img_size : int
-        Side of the square model input.
-    model_name : str
-        Registry name of the model that produced ``features``.
-    dtype : str
-        dtype of ``features``, e.g. ``"float32"``.
-    """
-
-    features: torch.Tensor
-    original_hw: tuple[int, int]
-    input_hw: tuple[int, int]
-    img_size: int
-    model_name: str
-    dtype: str
-
-    @property
-    def mask_input_hw(self) -> tuple[int, int]:
-        """``(4h, 4w)``: size of low-res logits and of ``mask_input``."""
-        h, w = self.features.shape[-2:]
-        return (4 * h, 4 * w)
-
-
-@dataclass(frozen=True, eq=False)
-class LowResPrediction:
-    """Decoder output before upscaling (torch, on the model's device).
-
-    Attributes
-    ----------
-    logits : Tensor of shape (B, M, 4h, 4w)
-        Mask logits in the padded model-input frame at 1/4 resolution.
-    iou_scores : Tensor of shape (B, M)
-        Predicted IoU of each mask.
-    """
-
-    logits: torch.Tensor
-    iou_scores: torch.Tensor
-
-
-@dataclass(frozen=True, eq=False)
-class MaskPrediction:
-    """Masks for B objects, M candidates each (M = 3 with ``multimask``, else 1).
-
-    Attributes
-    ----------
-    masks : ndarray of shape (B, M, H, W), bool
-        Masks at the original image resolution.
-    iou_scores : ndarray of shape (B, M), float32
-        Predicted IoU of each mask.
-    low_res_logits : ndarray of shape (B, M, 4h, 4w), float32
-        Logits to feed back as ``mask_input`` (one mask per object, e.g.
-        ``pred.best().low_res_logits``).
-    """
-
-    masks: np.ndarray
-    iou_scores: np.ndarray
-    low_res_logits: np.ndarray
-
-    @property
-    def best_index(self) -> np.ndarray:
-        """ndarray of shape (B,), int64: index of the highest-scoring mask per object."""
-        return np.argmax(self.iou_scores, axis=1)
-
-    def best(self) -> MaskPrediction:
-        """The highest-scoring candidate of each object, as a prediction with M = 1.
-
-        Returns
-        -------
-        MaskPrediction
-            ``masks`` (B, 1, H, W), ``iou_scores`` (B, 1), ``low_res_logits``
-            (B, 1, 4h, 4w); ``best().masks[:, 0]`` is one mask per object.
-        """
-        idx = self.best_index[:, None]
-        return MaskPrediction(
-            masks=np.take_along_axis(self.masks, idx[:, :, None, None], axis=1),
-            iou_scores=np.take_along_axis(self.iou_scores, idx, axis=1),
-            low_res_logits=np.take_along_axis(self.low_res_logits, idx[:, :, None, None], axis=1),
-        )
 
 
 # --------------------------------------------------------------------------- #
@@ -134,6 +52,8 @@ def encode_image(
     *,
     rgb: bool | None = None,
     contrast_limits: Sequence[float] | None = None,
+    precision: str = "exact",
+    compile: bool = False,
 ) -> ImageEmbedding:
     """Run the image encoder on one 2D image.
 
@@ -147,18 +67,30 @@ def encode_image(
         Whether the last axis is colour; guessed when ``None``.
     contrast_limits : (float, float), optional
         napari's display range, mapped to 0..255.
+    precision : {"exact", "auto", "fp32", "bf16", "fp16"}, optional
+        Numeric precision of the encoder (:mod:`napari_sam.precision`).
+        Default ``"exact"`` (float32, the reference's results); ``"auto"`` is
+        bfloat16 where the hardware makes it fast, else float32.
+    compile : bool, optional
+        Run the encoder through ``torch.compile`` (cached per model and
+        precision). Off by default: the first call then takes tens of seconds
+        and needs a C++ compiler; it pays from a few dozen images on.
 
     Returns
     -------
     ImageEmbedding
+        ``features`` in the dtype of the chosen precision.
     """
+    dtype = resolve_precision(precision, model.device)
+    make = compiled_module if compile else cast_module
+    encoder = make(model.image_encoder, dtype)
     rgb_image = prepare_image(image, rgb=rgb, contrast_limits=contrast_limits)
     original_hw = (int(rgb_image.shape[0]), int(rgb_image.shape[1]))
     x = to_model_input(
         rgb_image, img_size=model.img_size, pixel_mean=model.pixel_mean, pixel_std=model.pixel_std
     )
-    with torch.inference_mode():
-        features = model.image_encoder(x)
+    with torch.inference_mode(), tuned_allocator():
+        features = encoder(x.to(dtype))
     return ImageEmbedding(
         features=features,
         original_hw=original_hw,
@@ -195,6 +127,7 @@ def decode_low_res(
     boxes_xyxy: torch.Tensor | None,
     mask_input: torch.Tensor | None,
     multimask: bool,
+    precision: str | None = None,
 ) -> LowResPrediction:
     """Run the prompt encoder and mask decoder for a batch of B objects.
 
@@ -213,11 +146,14 @@ def decode_low_res(
         Low-res logits from a previous prediction.
     multimask : bool
         Three candidates per object (True) or one (False).
+    precision : {"exact", "auto", "fp32", "bf16", "fp16"}, optional
+        Precision of the mask decoder; default: that of the embedding.
 
     Returns
     -------
     LowResPrediction
-        ``logits`` (B, M, 4h, 4w) and ``iou_scores`` (B, M), M = 3 or 1.
+        ``logits`` (B, M, 4h, 4w) and ``iou_scores`` (B, M), M = 3 or 1,
+        float32 whatever the precision.
     """
     check_embedding(model, embedding)
     _check_batch_shapes(points_xy, point_labels, boxes_xyxy, mask_input, embedding.mask_input_hw)
@@ -233,19 +169,38 @@ def decode_low_res(
         boxes = boxes_to_input_frame(
             boxes_xyxy.to(device, torch.float32), embedding.original_hw, embedding.input_hw
         )
-    features = embedding.features.to(device)
+    features = embedding.features
+    dtype = features.dtype if precision is None else resolve_precision(precision, device)
+    decoder = cast_module(model.mask_decoder, dtype)
+    features = features.to(device, dtype)
     if mask_input is not None:
-        mask_input = mask_input.to(device, features.dtype)
-    with torch.inference_mode():
-        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        logits, iou_scores = model.mask_decoder(
+        mask_input = mask_input.to(device, torch.float32)
+    prompt_encoder = model.prompt_encoder
+    with torch.inference_mode(), tuned_allocator(release=False):
+        # The prompt encoder is tiny and stays float32; its outputs are cast.
+        sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        image_pe = cached_for(  # channels last: its tokens are contiguous
+            prompt_encoder,
+            ("dense_pe", dtype),
+            lambda: prompt_encoder.get_dense_pe().to(dtype, memory_format=torch.channels_last),
+        )
+        logits, iou_scores = decoder(
             image_embeddings=features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse.to(dtype),
+            dense_prompt_embeddings=_cast_broadcast(dense, dtype),
             multimask_output=multimask,
         )
-    return LowResPrediction(logits=logits, iou_scores=iou_scores)
+    return LowResPrediction(logits=logits.float(), iou_scores=iou_scores.float())
+
+
+def _cast_broadcast(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast ``B x C x h x w`` to ``dtype``, keeping a batch broadcast (stride 0) a broadcast."""
+    if dense.dtype == dtype:
+        return dense
+    if dense.shape[0] > 1 and dense.stride(0) == 0:
+        return dense[:1].to(dtype).expand_as(dense)
+    return dense.to(dtype)
 
 
 def _check_batch_shapes(
@@ -297,15 +252,20 @@ def upscale_logits(low_res_logits: torch.Tensor, embedding: ImageEmbedding) -> t
 
     Returns
     -------
-    Tensor of shape (B, M, H, W)
+    Tensor of shape (B, M, H, W), float32
         Bilinear (``align_corners=False``) to ``img_size``, cropped to
-        ``input_hw``, bilinear to ``original_hw``.
+        ``input_hw``, bilinear to ``original_hw`` (skipped when that is
+        ``input_hw``: a same-size bilinear resize is the identity).
     """
     size = embedding.img_size
     h, w = embedding.input_hw
     with torch.inference_mode():
-        x = F.interpolate(low_res_logits, (size, size), mode="bilinear", align_corners=False)
+        x = F.interpolate(
+            low_res_logits.float(), (size, size), mode="bilinear", align_corners=False
+        )
         x = x[..., :h, :w]
+        if embedding.original_hw == (h, w):
+            return x
         return F.interpolate(x, embedding.original_hw, mode="bilinear", align_corners=False)
 
 
@@ -321,6 +281,7 @@ def predict_masks(
     boxes_xyxy: Any = None,
     mask_input: Any = None,
     multimask: bool = True,
+    precision: str | None = None,
 ) -> MaskPrediction:
     """Predict masks for one or several objects from point, box and mask prompts.
 
@@ -339,6 +300,8 @@ def predict_masks(
         Low-res logits of a previous prediction, one mask per object.
     multimask : bool
         Return three candidates per object (default) or one.
+    precision : {"exact", "auto", "fp32", "bf16", "fp16"}, optional
+        Precision of the mask decoder; default: that of the embedding.
 
     Returns
     -------
@@ -375,12 +338,13 @@ def predict_masks(
         boxes_xyxy=tensor(prompts.boxes_xyxy),
         mask_input=tensor(prompts.mask_input),
         multimask=multimask,
+        precision=precision,
     )
     masks = upscale_logits(low.logits, embedding) > model.mask_threshold
     return MaskPrediction(
         masks=masks.cpu().numpy(),
-        iou_scores=low.iou_scores.float().cpu().numpy(),
-        low_res_logits=low.logits.float().cpu().numpy(),
+        iou_scores=low.iou_scores.cpu().numpy(),
+        low_res_logits=low.logits.cpu().numpy(),
     )
 
 
@@ -393,6 +357,12 @@ class Predictor:
     Parameters
     ----------
     model : Sam
+    precision : {"auto", "exact", "fp32", "bf16", "fp16"}, optional
+        Precision of :meth:`set_image` (the decoder follows the embedding).
+        Default ``"auto"``: bfloat16 where the hardware makes it fast, else
+        float32; ``"exact"`` for the reference's results.
+    compile : bool, optional
+        ``torch.compile`` the encoder (see :func:`encode_image`). Default False.
 
     Examples
     --------
@@ -402,8 +372,11 @@ class Predictor:
     >>> mask = pred.best().masks[0, 0]  # doctest: +SKIP
     """
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(self, model: Sam, *, precision: str = "auto", compile: bool = False) -> None:
+        resolve_precision(precision, model.device)  # validate now, not at set_image
         self.model = model
+        self.precision = precision
+        self.compile = compile
         self._embedding: ImageEmbedding | None = None
 
     def set_image(
@@ -414,7 +387,14 @@ class Predictor:
         contrast_limits: Sequence[float] | None = None,
     ) -> ImageEmbedding:
         """Encode ``image`` (see :func:`encode_image`) and keep its embedding."""
-        self._embedding = encode_image(self.model, image, rgb=rgb, contrast_limits=contrast_limits)
+        self._embedding = encode_image(
+            self.model,
+            image,
+            rgb=rgb,
+            contrast_limits=contrast_limits,
+            precision=self.precision,
+            compile=self.compile,
+        )
         return self._embedding
 
     def reset_image(self) -> None:

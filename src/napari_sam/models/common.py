@@ -43,8 +43,15 @@ class LayerNorm2d(nn.Module):
         Returns
         -------
         Tensor of shape (B, C, H, W), same dtype as ``x``
-            Normalised, scaled and shifted feature map.
+            Normalised, scaled and shifted feature map (statistics in float32
+            for half-precision input).
         """
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return self._normalize(x.float()).to(x.dtype)
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's arithmetic, in the dtype of ``x``."""
         mean = x.mean(dim=1, keepdim=True)  # B x 1 x H x W
         centred = x - mean
         var = centred.square().mean(dim=1, keepdim=True)  # B x 1 x H x W

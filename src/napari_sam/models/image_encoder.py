@@ -7,9 +7,11 @@ attend over the whole token grid. Every attention adds a decomposed
 relative-position bias (one table per axis, MViTv2 style). A convolutional
 neck maps the tokens to ``out_chans`` channels.
 
-Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`
-with the relative-position bias as an additive float mask; in fp32 this
-agrees with the explicit softmax formulation to rounding.
+Attention never builds the ``(HW)^2`` bias: the relative positions are
+folded into q and k for the windows, and the global grid runs either the
+fused kernel with a chunked mask (float32) or folded bf16 matmuls (half
+precision on CPUs); see :mod:`napari_sam.models.rel_pos`. In float32 every
+path agrees with the explicit softmax formulation to rounding.
 
 Parameter names match the official checkpoints (``patch_embed.proj``,
 ``pos_embed``, ``blocks.<i>.attn.qkv``, ``blocks.<i>.attn.rel_pos_h``,
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+from .rel_pos import decomposed_rel_pos_bias, rel_pos_attention
 
 __all__ = ["ImageEncoderViT", "decomposed_rel_pos_bias", "merge_windows", "split_windows"]
 
@@ -89,55 +92,6 @@ def merge_windows(
     return tokens
 
 
-def _relative_lookup(table: torch.Tensor, size: int) -> torch.Tensor:
-    """Expand a ``(2 * size - 1) x D`` relative table to ``size x size x D``.
-
-    Entry ``[i, j]`` is the embedding of the offset ``i - j`` (query minus key).
-    """
-    if table.shape[0] != 2 * size - 1:
-        raise ValueError(
-            f"relative position table has {table.shape[0]} rows, expected {2 * size - 1} "
-            f"for an attention extent of {size} tokens (the encoder only runs at its "
-            "configured img_size)"
-        )
-    pos = torch.arange(size, device=table.device)
-    offsets = pos[:, None] - pos[None, :] + (size - 1)  # size x size, in [0, 2 size - 2]
-    return table[offsets]
-
-
-def decomposed_rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
-) -> torch.Tensor:
-    """Additive attention bias from per-axis relative position tables.
-
-    ``bias[q_tok, k_tok] = q . R_h[row(q) - row(k)] + q . R_w[col(q) - col(k)]``
-    with the query vector ``q`` before scaling (MViTv2 decomposition).
-
-    Parameters
-    ----------
-    q : Tensor of shape (B, heads, H * W, D)
-        Queries of one attention call (unscaled).
-    rel_pos_h, rel_pos_w : Tensor of shape (2 * H - 1, D) and (2 * W - 1, D)
-        Relative position tables for rows and columns.
-    hw : tuple of int
-        ``(H, W)``, the token grid the queries and keys come from.
-
-    Returns
-    -------
-    Tensor of shape (B, heads, H * W, H * W), dtype of ``q``
-        Bias to add to the attention logits.
-    """
-    h, w = hw
-    b, heads, n, d = q.shape
-    table_h = _relative_lookup(rel_pos_h, h).to(q.dtype)  # H x H x D
-    table_w = _relative_lookup(rel_pos_w, w).to(q.dtype)  # W x W x D
-    q_grid = q.reshape(b, heads, h, w, d)
-    by_row = torch.einsum("bnhwd,hkd->bnhwk", q_grid, table_h)  # B x heads x H x W x kH
-    by_col = torch.einsum("bnhwd,wkd->bnhwk", q_grid, table_w)  # B x heads x H x W x kW
-    bias = by_row[..., :, None] + by_col[..., None, :]  # B x heads x H x W x kH x kW
-    return bias.reshape(b, heads, n, n)
-
-
 # --------------------------------------------------------------------------- blocks
 
 
@@ -153,12 +107,22 @@ class RelPosAttention(nn.Module):
     extent_hw : tuple of int
         ``(H, W)`` of the grid this attention sees (the window, or the whole
         grid for global blocks); sizes the relative tables.
+
+    Attributes
+    ----------
+    fold : bool
+        Always fold the relative positions into q and k of the fused kernel
+        (see :func:`~napari_sam.models.rel_pos.rel_pos_attention`). Default:
+        when folding at most doubles the head width (the windows, not the
+        global grid of the official models).
     """
 
     def __init__(self, dim: int, num_heads: int, extent_hw: tuple[int, int]) -> None:
         super().__init__()
         head_dim = dim // num_heads
         self.num_heads = num_heads
+        self.scale = head_dim**-0.5
+        self.fold = extent_hw[0] + extent_hw[1] <= head_dim
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * extent_hw[0] - 1, head_dim))
@@ -178,8 +142,9 @@ class RelPosAttention(nn.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)  # B x N x 3 x heads x D
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B x heads x N x D
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # B x heads x N x D
+        out = rel_pos_attention(
+            q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale, fold=self.fold
+        )
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj(out)
 
@@ -222,6 +187,8 @@ class EncoderBlock(nn.Module):
         Returns
         -------
         Tensor of shape (B, H, W, C)
+            Without autograd (``no_grad``/``inference_mode``) this is ``x``,
+            updated in place.
         """
         y = self.norm1(x)
         if self.window > 0:
@@ -231,8 +198,12 @@ class EncoderBlock(nn.Module):
             y = merge_windows(self.attn(windows), self.window, padded_hw, hw)
         else:
             y = self.attn(y)
-        x = x + y
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = x + y
+            return x + self.mlp(self.norm2(x))
+        # Inference: update the residual stream in place (no fresh B x h x w x C blocks).
+        x = x.add_(y)
+        return x.add_(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):

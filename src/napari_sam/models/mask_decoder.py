@@ -7,6 +7,18 @@ transposed convolutions; each mask token passes through its own
 hypernetwork MLP and its dot product with every upscaled pixel gives that
 mask's logits. The IoU token predicts one quality score per mask.
 
+When every prompt of a batch shares the image embedding and the dense
+prompt (no mask prompt, or one mask for all), the image side enters the
+transformer once, not once per prompt: the first layer's image-side
+projections are computed for one copy and broadcast (the same values as
+repeating the embedding per prompt, as the reference does).
+
+The two stride-2 transposed convolutions of the upscaling stack do not
+overlap, so they run as matmuls on channels-last tokens (with a fused layer
+norm between them) and the 4x4 sub-pixel layout is unfolded once, on the
+mask logits; the arithmetic is the convolutions' (``output_upscaling`` keeps
+the checkpoint's parameters).
+
 Mask token 0 is the single-mask output (for unambiguous prompts); tokens
 ``1..`` are the multimask outputs (whole, part, subpart).
 
@@ -18,6 +30,7 @@ Parameter names match the official checkpoints (``iou_token``,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
@@ -43,7 +56,15 @@ class MaskDecoder(nn.Module):
         Hidden width of the IoU head. Default 256.
     activation : type of nn.Module, optional
         Activation in the upscaling stack. Default ``nn.GELU``.
+
+    Attributes
+    ----------
+    share_image_work : bool
+        Pass a shared image embedding to the transformer once (default True);
+        False repeats it per prompt (the reference's arithmetic order).
     """
+
+    share_image_work: bool = True
 
     def __init__(
         self,
@@ -102,7 +123,8 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings : Tensor of shape (B, K, C)
             Point and box tokens.
         dense_prompt_embeddings : Tensor of shape (B, C, h, w)
-            Mask-prompt embedding (or the broadcast "no mask" embedding).
+            Mask-prompt embedding (or the broadcast "no mask" embedding); a
+            batch broadcast (stride 0) or batch 1 counts as shared.
         multimask_output : bool
             Return the ``num_multimask_outputs`` ambiguity-aware masks instead
             of the single-mask output.
@@ -124,21 +146,70 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             [output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )  # B x (T + K) x C
-        src = (image_embeddings + dense_prompt_embeddings).expand(batch, -1, -1, -1)
-        _, c, h, w = src.shape
+        dense = dense_prompt_embeddings
+        shared = dense.shape[0] == 1 or dense.stride(0) == 0
+        if self.share_image_work and shared and image_embeddings.shape[0] == 1:
+            src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
+        else:
+            src = (image_embeddings + dense).expand(batch, -1, -1, -1)  # B x C x h x w
+        h, w = src.shape[-2:]
 
-        hs, keys = self.transformer(src, image_pe, tokens)  # B x (T+K) x C, B x hw x C
+        hs, keys = self.transformer(src, image_pe, tokens)  # B x (T+K) x C, (1|B) x hw x C
+        keys = keys.expand(batch, -1, -1)
         first = 1 if multimask_output else 0
         count = self.num_multimask_outputs if multimask_output else 1
         chosen = range(first, first + count)
 
-        grid = keys.transpose(1, 2).reshape(batch, c, h, w)
-        upscaled = self.output_upscaling(grid)  # B x C/8 x 4h x 4w
+        upscaled = self._upscale(keys)  # B x (hw * 16) x C/8, sub-pixel order
         hyper = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1
         )  # B x M x C/8
-        masks = hyper @ upscaled.flatten(2)  # B x M x 16hw
-        masks = masks.view(batch, count, *upscaled.shape[2:])
+        masks = upscaled @ hyper.transpose(1, 2)  # B x (hw * 16) x M
+        # (i, j, a1, c1, a2, c2) -> row 4i + 2a1 + a2, column 4j + 2c1 + c2
+        masks = masks.view(batch, h, w, 2, 2, 2, 2, count).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        masks = masks.reshape(batch, count, 4 * h, 4 * w)
 
         iou_pred = self.iou_prediction_head(hs[:, 0])  # B x (1 + num_multimask_outputs)
         return masks, iou_pred[:, first : first + count]
+
+    def _upscale(self, keys: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on channels-last tokens, as matmuls.
+
+        Parameters
+        ----------
+        keys : Tensor of shape (B, h * w, C)
+            Image tokens from the transformer, row-major.
+
+        Returns
+        -------
+        Tensor of shape (B, h * w * 16, C / 8)
+            Upscaled features; pixel ``(4i + 2a1 + a2, 4j + 2c1 + c2)`` sits at
+            index ``(((i * w + j) * 2 + a1) * 2 + c1) * 4 + a2 * 2 + c2``.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        x = _stride2_transposed_conv(keys, up1)  # B x hw x 4 x C/4
+        x = act1(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+        x = _stride2_transposed_conv(x.flatten(1, 2), up2)  # B x 4hw x 4 x C/8
+        return act2(x).flatten(1, 2)
+
+
+def _stride2_transposed_conv(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A ``kernel_size=2, stride=2`` transposed convolution on channels-last tokens.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, N, C_in)
+        Input pixels, channels last.
+    conv : nn.ConvTranspose2d
+        Weight ``C_in x C_out x 2 x 2`` and bias ``C_out``.
+
+    Returns
+    -------
+    Tensor of shape (B, N, 4, C_out)
+        For every input pixel, its four output pixels ``(a, c)`` in order
+        ``2a + c`` (output pixel ``(2y + a, 2x + c)``).
+    """
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)  # (a, c, out) x in
+    bias = conv.bias.repeat(4)
+    return F.linear(x, weight, bias).unflatten(-1, (4, c_out))

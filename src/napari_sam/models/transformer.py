@@ -7,11 +7,17 @@ the stack. Positional encodings are re-added to queries and keys before
 every attention (except the first layer's self-attention, which sees the
 raw tokens and has no residual, as in the released model).
 
+The image tokens may come as a batch of one shared by every prompt: the
+first layer then projects them once and broadcasts (its image-to-token
+update makes them per-prompt from there on).
+
 Parameter names match the official checkpoints (``layers.<i>.self_attn.q_proj``,
 ``layers.<i>.cross_attn_token_to_image``, ``norm_final_attn``, ...).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,9 @@ from torch import nn
 from .common import MLPBlock
 
 __all__ = ["Attention", "TwoWayAttentionBlock", "TwoWayTransformer"]
+
+# Attention with at most this many queries or keys uses explicit matmuls.
+_SMALL_SIDE = 64
 
 
 class Attention(nn.Module):
@@ -60,8 +69,9 @@ class Attention(nn.Module):
 
         Parameters
         ----------
-        q : Tensor of shape (B, Nq, C)
-        k, v : Tensor of shape (B, Nk, C)
+        q : Tensor of shape (B or 1, Nq, C)
+        k, v : Tensor of shape (B or 1, Nk, C)
+            A batch of one is projected once and broadcast.
 
         Returns
         -------
@@ -70,7 +80,21 @@ class Attention(nn.Module):
         qh = self._heads(self.q_proj(q))  # B x heads x Nq x d
         kh = self._heads(self.k_proj(k))  # B x heads x Nk x d
         vh = self._heads(self.v_proj(v))  # B x heads x Nk x d
-        out = F.scaled_dot_product_attention(qh, kh, vh)  # B x heads x Nq x d
+        n_q, n_k, d = qh.shape[2], kh.shape[2], qh.shape[3]
+        if n_k < n_q and n_k <= _SMALL_SIDE:
+            # Image tokens attending to a few prompt tokens: keep the long axis
+            # contiguous, so the softmax (over the few keys) is vectorised.
+            logits_t = kh @ qh.transpose(-1, -2) / math.sqrt(d)  # B x heads x Nk x Nq
+            out = logits_t.softmax(dim=-2).transpose(-1, -2) @ vh  # B x heads x Nq x d
+        elif min(n_q, n_k) <= _SMALL_SIDE:
+            # Prompt tokens as queries: small logits, plain matmuls (the
+            # reference's arithmetic) beat the fused kernel's tiling.
+            logits = qh @ kh.transpose(-1, -2) / math.sqrt(d)  # B x heads x Nq x Nk
+            out = logits.softmax(dim=-1) @ vh  # B x heads x Nq x d (batch broadcast)
+        else:
+            batch = max(qh.shape[0], kh.shape[0], vh.shape[0])
+            qh, kh, vh = (t.expand(batch, -1, -1, -1) for t in (qh, kh, vh))
+            out = F.scaled_dot_product_attention(qh, kh, vh)  # B x heads x Nq x d
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
@@ -129,8 +153,8 @@ class TwoWayAttentionBlock(nn.Module):
         ----------
         queries : Tensor of shape (B, Nq, C)
             Prompt/output tokens.
-        keys : Tensor of shape (B, Nk, C)
-            Image tokens.
+        keys : Tensor of shape (B or 1, Nk, C)
+            Image tokens (a batch of one is shared by every prompt).
         query_pe : Tensor of shape (B, Nq, C)
             Positional encoding of the tokens (the initial tokens).
         key_pe : Tensor of shape (1 or B, Nk, C)
@@ -216,8 +240,9 @@ class TwoWayTransformer(nn.Module):
 
         Parameters
         ----------
-        image_embedding : Tensor of shape (B, C, h, w)
-            Image tokens as a feature map.
+        image_embedding : Tensor of shape (B or 1, C, h, w)
+            Image tokens as a feature map (a batch of one is shared by every
+            prompt and projected once).
         image_pe : Tensor of shape (1 or B, C, h, w)
             Positional encoding of the image tokens.
         point_embedding : Tensor of shape (B, N, C)
@@ -228,10 +253,12 @@ class TwoWayTransformer(nn.Module):
         queries : Tensor of shape (B, N, C)
             Updated tokens.
         keys : Tensor of shape (B, h * w, C)
-            Updated image tokens.
+            Updated image tokens (batch 1 only if ``depth`` is 0 and the
+            input was shared).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)  # B x hw x C
-        key_pe = image_pe.flatten(2).transpose(1, 2)  # (1 or B) x hw x C
+        # Row-major tokens once, so every later op reads contiguous memory.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()  # B x hw x C
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()  # (1 or B) x hw x C
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
