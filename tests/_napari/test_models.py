@@ -1,0 +1,37 @@
+"""The model list, cache status and device choice of the widgets (no display)."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_sam import weights
+from napari_sam._napari import models
+
+
+def test_model_list_default_first_published_and_shipped(tmp_path, monkeypatch):
+    assert models.model_names()[0] == "vit_b"
+    assert set(weights.KNOWN_CHECKPOINTS) <= set(models.model_names())
+    shipped = tmp_path / "mine.pt"
+    monkeypatch.setitem(models.LOCAL_MODELS, "mine", shipped)
+    assert "mine" not in models.model_names()  # listed only once the file exists
+    shipped.write_bytes(b"x")
+    assert models.model_names()[-1] == "mine"
+    assert models.loadable("mine") == shipped and models.loadable("vit_b") == "vit_b"
+    entry = {e.name: e for e in models.model_entries()}["mine"]
+    assert entry.cached and entry.label == "mine (cached)"
+
+
+def test_cached_status_follows_the_cache_directory():
+    info = weights.KNOWN_CHECKPOINTS["vit_b"]
+    assert not models.is_cached("vit_b")
+    assert {e.name: e for e in models.model_entries()}["vit_b"].label == "vit_b (download)"
+    weights.cache_dir().mkdir(parents=True, exist_ok=True)
+    (weights.cache_dir() / info.filename).write_bytes(b"")
+    assert models.is_cached("vit_b")
+
+
+def test_resolve_device():
+    assert models.resolve_device("cpu") == "cpu"
+    assert models.resolve_device("auto") in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="device must be one of"):
+        models.resolve_device("tpu")
