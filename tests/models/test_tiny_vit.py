@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from napari_sam.models.sam import build_image_encoder
 from napari_sam.models.tiny_vit import TinyViT, relative_offset_index
-from napari_sam.registry import ModelConfig, TinyViTConfig, get_config
+from napari_sam.registry import ModelConfig, get_config
 
 from .._reference import build_reference, randomize_
 
@@ -22,19 +23,9 @@ PADDED = dataclasses.replace(
 
 
 def _encoder(config: ModelConfig) -> TinyViT:
-    enc = config.encoder
-    assert isinstance(enc, TinyViTConfig)
-    return TinyViT(
-        img_size=config.img_size,
-        embed_dims=enc.embed_dims,
-        depths=enc.depths,
-        num_heads=enc.num_heads,
-        window_sizes=enc.window_sizes,
-        mlp_ratio=enc.mlp_ratio,
-        mbconv_expand_ratio=enc.mbconv_expand_ratio,
-        local_conv_size=enc.local_conv_size,
-        out_chans=config.prompt_embed_dim,
-    )
+    encoder = build_image_encoder(config)
+    assert isinstance(encoder, TinyViT)
+    return encoder
 
 
 @torch.no_grad()

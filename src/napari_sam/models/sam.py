@@ -79,44 +79,12 @@ def build_sam(config: ModelConfig) -> Sam:
     Sam
         Randomly initialised model (reference-compatible parameter names).
     """
-    from ..registry import TinyViTConfig, ViTConfig
     from .mask_decoder import MaskDecoder
     from .prompt_encoder import PromptEncoder
     from .transformer import TwoWayTransformer
 
-    enc = config.encoder
+    image_encoder = build_image_encoder(config)
     dim = config.prompt_embed_dim
-    if isinstance(enc, ViTConfig):
-        from .image_encoder import ImageEncoderViT
-
-        image_encoder: nn.Module = ImageEncoderViT(
-            img_size=config.img_size,
-            patch_size=enc.patch_size,
-            embed_dim=enc.embed_dim,
-            depth=enc.depth,
-            num_heads=enc.num_heads,
-            mlp_ratio=enc.mlp_ratio,
-            out_chans=dim,
-            global_attn_indexes=enc.global_attn_indexes,
-            window_size=enc.window_size,
-        )
-    elif isinstance(enc, TinyViTConfig):
-        from .tiny_vit import TinyViT
-
-        image_encoder = TinyViT(
-            img_size=config.img_size,
-            embed_dims=enc.embed_dims,
-            depths=enc.depths,
-            num_heads=enc.num_heads,
-            window_sizes=enc.window_sizes,
-            mlp_ratio=enc.mlp_ratio,
-            mbconv_expand_ratio=enc.mbconv_expand_ratio,
-            local_conv_size=enc.local_conv_size,
-            out_chans=dim,
-        )
-    else:  # pragma: no cover - configs are a closed set
-        raise TypeError(f"unsupported encoder config {type(enc).__name__}")
-
     dec = config.decoder
     prompt_encoder = PromptEncoder(
         embed_dim=dim,
@@ -137,3 +105,51 @@ def build_sam(config: ModelConfig) -> Sam:
         iou_head_hidden_dim=dec.iou_head_hidden_dim,
     )
     return Sam(image_encoder, prompt_encoder, mask_decoder, config)
+
+
+def build_image_encoder(config: ModelConfig) -> nn.Module:
+    """Build the untrained image encoder (ViT or TinyViT) of a configuration.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture to build; its ``prompt_embed_dim`` is the encoder's output width.
+
+    Returns
+    -------
+    nn.Module
+        Maps ``B x 3 x S x S`` normalised images to ``B x C x S/p x S/p`` embeddings.
+    """
+    from ..registry import TinyViTConfig, ViTConfig
+
+    enc = config.encoder
+    dim = config.prompt_embed_dim
+    if isinstance(enc, ViTConfig):
+        from .image_encoder import ImageEncoderViT
+
+        return ImageEncoderViT(
+            img_size=config.img_size,
+            patch_size=enc.patch_size,
+            embed_dim=enc.embed_dim,
+            depth=enc.depth,
+            num_heads=enc.num_heads,
+            mlp_ratio=enc.mlp_ratio,
+            out_chans=dim,
+            global_attn_indexes=enc.global_attn_indexes,
+            window_size=enc.window_size,
+        )
+    if isinstance(enc, TinyViTConfig):
+        from .tiny_vit import TinyViT
+
+        return TinyViT(
+            img_size=config.img_size,
+            embed_dims=enc.embed_dims,
+            depths=enc.depths,
+            num_heads=enc.num_heads,
+            window_sizes=enc.window_sizes,
+            mlp_ratio=enc.mlp_ratio,
+            mbconv_expand_ratio=enc.mbconv_expand_ratio,
+            local_conv_size=enc.local_conv_size,
+            out_chans=dim,
+        )
+    raise TypeError(f"unsupported encoder config {type(enc).__name__}")
