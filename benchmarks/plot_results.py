@@ -7,6 +7,8 @@ Usage::
 One panel per measurement (encode seconds, one click to a full-resolution
 mask in milliseconds, encode peak RSS), bars for the reference and for each
 of our precisions, the speed-up over the reference written on each bar.
+Peaks come from the trimmed-heap pass (``predictor_<model>_memory.json`` or
+``encode_peak_mib_trimmed``) where there is one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def load(results: Path) -> dict[str, dict]:
         path = results / f"predictor_{name}.json"
         if path.exists():
             found[name] = json.loads(path.read_text())
+            memory = results / f"predictor_{name}_memory.json"
+            if memory.exists():  # trimmed-heap peaks, measured in a separate run
+                found[name]["encode_peak_mib_trimmed"] = json.loads(memory.read_text())["peak_mib"]
     return found
 
 
@@ -44,7 +49,8 @@ def _series(data: dict, kind: str) -> dict[str, float | None]:
         if kind == "encode_s":
             out[label] = enc.get(key, {}).get("median_s")
         elif kind == "peak_mib":
-            out[label] = enc.get(key, {}).get("peak_mib")
+            trimmed = data.get("encode_peak_mib_trimmed")
+            out[label] = trimmed.get(key) if trimmed else enc.get(key, {}).get("peak_mib")
         else:
             out[label] = prompt.get(f"{key}_ms")
     return out
@@ -52,6 +58,7 @@ def _series(data: dict, kind: str) -> dict[str, float | None]:
 
 def _panel(ax, found: dict[str, dict], kind: str, title: str, unit: str) -> None:
     width = 0.26
+    found = {n: d for n, d in found.items() if any(_series(d, kind).values())}
     for m, data in enumerate(found.values()):
         values = _series(data, kind)
         ref = values["reference"]
