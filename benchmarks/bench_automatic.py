@@ -201,6 +201,18 @@ def _summary(runs: list[dict]) -> dict:
     }
 
 
+def paired_ratios(ours: list[dict], reference: list[dict]) -> dict:
+    """Reference / ours wall (and CPU) time of each repetition, and their medians."""
+    wall = [r["seconds"] / o["seconds"] for o, r in zip(ours, reference, strict=True)]
+    cpu = [r["cpu_s"] / o["cpu_s"] for o, r in zip(ours, reference, strict=True) if "cpu_s" in o]
+    return {
+        "wall": [round(v, 2) for v in wall],
+        "wall_median": statistics.median(wall),
+        "cpu": [round(v, 2) for v in cpu],
+        "cpu_median": statistics.median(cpu) if cpu else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -243,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
             "kwargs": {"points_per_side": args.points_per_side, **SETTINGS[setting]},
             "ours": ours,
             "reference": ref,
+            # each repetition's two runs are adjacent in time: their ratio is the
+            # least disturbed by the machine's load drifting between repetitions
+            "speedup_pairs": paired_ratios(runs[setting]["ours"], runs[setting]["reference"]),
             "speedup": ref["median_s"] / ours["median_s"],
             "speedup_cpu_time": (
                 ref["median_cpu_s"] / ours["median_cpu_s"] if ours["median_cpu_s"] else None
