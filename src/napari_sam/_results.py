@@ -62,14 +62,20 @@ class LowResPrediction:
 
     Attributes
     ----------
-    logits : Tensor of shape (B, M, 4h, 4w)
-        Mask logits in the padded model-input frame at 1/4 resolution.
+    logits : Tensor of shape (B, M, 4h, 4w) or (S, M, 4h, 4w)
+        Mask logits in the padded model-input frame at 1/4 resolution; only
+        of the objects in ``index`` when that is set.
     iou_scores : Tensor of shape (B, M)
-        Predicted IoU of each mask.
+        Predicted IoU of each mask (of every object).
+    index : Tensor of shape (S,), int64, or None
+        Which objects ``logits`` belong to, when the decoder was asked for
+        confident masks only (``decode_low_res(..., iou_above=...)``); None
+        when ``logits`` has every object.
     """
 
     logits: torch.Tensor
     iou_scores: torch.Tensor
+    index: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,9 +8,11 @@ of Segment Anything's ``SamAutomaticMaskGenerator``, so results are
 comparable with what users know from it:
 
 1. per crop, per batch of points: three candidate masks per point; keep
-   those with predicted IoU ``> pred_iou_thresh`` (skipped when 0) -- done on
-   the low-resolution logits, before upsampling, which changes nothing but
-   the work done; upsample; keep stability score ``>= stability_score_thresh``
+   those with predicted IoU ``> pred_iou_thresh`` (skipped when 0) -- decided
+   by the decoder's IoU head alone, so a point none of whose masks pass never
+   runs the decoder's upscaling stack, and the others' low-resolution logits
+   are upsampled only for the masks that pass (this changes nothing but the
+   work done); keep stability score ``>= stability_score_thresh``
    (skipped when 0); drop masks touching an inner crop border;
 2. per crop: box NMS at ``box_nms_thresh`` by predicted IoU;
 3. across crops: box NMS at ``crop_nms_thresh``, preferring smaller crops;
@@ -283,15 +285,21 @@ def _process_batch(
     image_hw: tuple[int, int],
 ) -> Candidates:
     """Decode one batch of points; filter; encode the survivors (crop frame boxes/points)."""
-    logits, iou = _decode(model, embedding, points_xy)  # B x M x 4h x 4w, B x M
-    n_out = logits.shape[1]
-    logits = logits.flatten(0, 1)  # MB x 4h x 4w, point-major
-    iou = iou.flatten(0, 1).float()
+    thresh = settings.pred_iou_thresh if settings.pred_iou_thresh > 0.0 else None
+    logits, iou, index = _decode(model, embedding, points_xy, thresh)  # S x M x 4h x 4w, B x M
+    n_out = iou.shape[1]
+    iou = iou.float()
+    if thresh is None:
+        keep = torch.arange(iou.numel(), device=iou.device)  # point-major, all masks
+        chosen = logits.flatten(0, 1)
+    else:
+        passed = iou[index] > thresh  # S x M: the prompts that have masks, which of them pass
+        rows, cols = torch.nonzero(passed, as_tuple=True)
+        keep = index[rows] * n_out + cols  # point-major flat index of each kept mask
+        chosen = logits[rows, cols]
+    iou = iou.flatten()
     points = np.repeat(points_xy, n_out, axis=0)
-    keep = torch.arange(len(iou), device=iou.device)
-    if settings.pred_iou_thresh > 0.0:
-        keep = keep[iou > settings.pred_iou_thresh]
-    out = _score_and_encode(model, embedding, logits[keep], settings, crop, image_hw)
+    out = _score_and_encode(model, embedding, chosen, settings, crop, image_hw)
     kept = keep.cpu().numpy()[out.index]
     return Candidates(
         rles=out.rles,
@@ -304,18 +312,21 @@ def _process_batch(
 
 
 def _decode(
-    model: Sam, embedding: ImageEmbedding, points_xy: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-res logits ``(B, M, 4h, 4w)`` and IoU ``(B, M)`` of one positive point each.
+    model: Sam, embedding: ImageEmbedding, points_xy: np.ndarray, iou_above: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Low-res logits and IoU of one positive point each.
 
-    On CPU the points go through the decoder :data:`_CPU_DECODE_PIXELS` at a
-    time (results do not depend on it).
+    Returns the logits ``(S, M, 4h, 4w)`` of the S points with a mask whose
+    predicted IoU is above ``iou_above`` (every point when None; the other
+    points' masks are never upscaled), the IoU ``(B, M)`` of every point, and
+    the S point indices. On CPU the points go through the decoder
+    :data:`_CPU_DECODE_PIXELS` at a time (results do not depend on it).
     """
     step = len(points_xy)
     if model.device.type == "cpu":
         h4, w4 = embedding.mask_input_hw
         step = max(1, min(step, _CPU_DECODE_PIXELS // (h4 * w4)))
-    logits, iou = [], []
+    logits, iou, index = [], [], []
     for start in range(0, len(points_xy), step):
         coords = torch.from_numpy(points_xy[start : start + step])[:, None, :]  # b x 1 x 2
         low = decode_low_res(
@@ -326,10 +337,13 @@ def _decode(
             boxes_xyxy=None,
             mask_input=None,
             multimask=True,
+            iou_above=iou_above,
         )
         logits.append(low.logits)
         iou.append(low.iou_scores)
-    return torch.cat(logits), torch.cat(iou)
+        chosen = torch.arange(len(coords)) if low.index is None else low.index.cpu()
+        index.append(start + chosen)
+    return torch.cat(logits), torch.cat(iou), torch.cat(index).to(model.device)
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ def decode_low_res(
     mask_input: torch.Tensor | None,
     multimask: bool,
     precision: str | None = None,
+    iou_above: float | None = None,
 ) -> LowResPrediction:
     """Run the prompt encoder and mask decoder for a batch of B objects.
 
@@ -148,6 +149,10 @@ def decode_low_res(
         Three candidates per object (True) or one (False).
     precision : {"exact", "auto", "fp32", "bf16", "fp16"}, optional
         Precision of the mask decoder; default: that of the embedding.
+    iou_above : float, optional
+        Compute logits only for the objects with a predicted IoU above this
+        (the others' upscaling is skipped; the result's ``index`` lists the
+        kept objects). Their logits equal those of a call without it.
 
     Returns
     -------
@@ -184,14 +189,16 @@ def decode_low_res(
             ("dense_pe", dtype),
             lambda: prompt_encoder.get_dense_pe().to(dtype, memory_format=torch.channels_last),
         )
-        logits, iou_scores = decoder(
-            image_embeddings=features,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse.to(dtype),
-            dense_prompt_embeddings=_cast_broadcast(dense, dtype),
-            multimask_output=multimask,
-        )
-    return LowResPrediction(logits=logits.float(), iou_scores=iou_scores.float())
+        args = (features, image_pe, sparse.to(dtype), _cast_broadcast(dense, dtype), multimask)
+        if hasattr(decoder, "forward_selected"):
+            logits, iou_scores, index = decoder.forward_selected(*args, iou_above=iou_above)
+        else:  # a decoder with only the reference's signature: select afterwards
+            logits, iou_scores = decoder(*args)
+            index = None
+            if iou_above is not None:
+                index = torch.nonzero((iou_scores > iou_above).any(dim=1)).flatten()
+                logits = logits[index]
+    return LowResPrediction(logits.float(), iou_scores.float(), index)
 
 
 def _cast_broadcast(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

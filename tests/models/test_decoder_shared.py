@@ -74,3 +74,33 @@ def test_attention_matmul_and_fused_paths_agree(monkeypatch):
     plain = attention(queries, image, image)
     assert fused.shape == plain.shape == (3, 100, 32)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@torch.no_grad()
+def test_forward_selected_computes_only_confident_prompts(tiny_model, multimask):
+    sparse, dense = _prompts(tiny_model, 6, "none")
+    features = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    pe = tiny_model.prompt_encoder.get_dense_pe()
+    decoder = tiny_model.mask_decoder
+    full, iou = decoder(features, pe, sparse, dense, multimask)
+    threshold = float(iou.max(dim=1).values.median())  # about half the prompts pass
+    calls = []
+    real_upscale = decoder._upscale
+    decoder._upscale = lambda keys: calls.append(keys.shape[0]) or real_upscale(keys)
+    try:
+        masks, iou_sel, index = decoder.forward_selected(
+            features, pe, sparse, dense, multimask, iou_above=threshold
+        )
+    finally:
+        del decoder._upscale
+    expected = torch.nonzero((iou > threshold).any(dim=1)).flatten()
+    assert 0 < len(expected) < 6
+    torch.testing.assert_close(index, expected)
+    torch.testing.assert_close(iou_sel, iou)
+    torch.testing.assert_close(masks, full[expected])
+    assert calls == [len(expected)]  # the upscaling stack ran for the selected prompts only
+    none, _, no_index = decoder.forward_selected(
+        features, pe, sparse, dense, multimask, iou_above=float(iou.max()) + 1
+    )
+    assert none.shape == (0, full.shape[1], *full.shape[2:]) and no_index.numel() == 0

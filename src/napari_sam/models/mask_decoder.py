@@ -136,6 +136,40 @@ class MaskDecoder(nn.Module):
         iou_pred : Tensor of shape (B, M)
             Predicted IoU of each mask.
         """
+        args = (image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou_pred, _ = self.forward_selected(*args, multimask_output)
+        return masks, iou_pred
+
+    def forward_selected(
+        self, *inputs: torch.Tensor | bool, iou_above: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`, with mask logits only for prompts that have a confident mask.
+
+        The IoU head needs only the transformer's output tokens; the
+        upscaling stack and hypernetworks (a quarter of the decoder's work
+        and most of its memory) run only for the prompts with at least one
+        predicted IoU above ``iou_above``. The logits of those prompts are
+        exactly what :meth:`forward` gives them.
+
+        Parameters
+        ----------
+        *inputs
+            The arguments of :meth:`forward`, in order: ``image_embeddings``,
+            ``image_pe``, ``sparse_prompt_embeddings``,
+            ``dense_prompt_embeddings``, ``multimask_output``.
+        iou_above : float, optional
+            Threshold on the predicted IoU; None computes every prompt's masks.
+
+        Returns
+        -------
+        low_res_masks : Tensor of shape (S, M, 4h, 4w)
+            Mask logits of the selected prompts (all B when ``iou_above`` is None).
+        iou_pred : Tensor of shape (B, M)
+            Predicted IoU of each mask of every prompt.
+        index : Tensor of shape (S,), int64, or None
+            The selected prompts (None when ``iou_above`` is None).
+        """
+        image_embeddings, image_pe, sparse_prompt_embeddings, dense, multimask_output = inputs
         batch = sparse_prompt_embeddings.shape[0]
         if image_embeddings.ndim != 4 or image_embeddings.shape[0] not in (1, batch):
             raise ValueError(
@@ -146,31 +180,40 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             [output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )  # B x (T + K) x C
-        dense = dense_prompt_embeddings
         shared = dense.shape[0] == 1 or dense.stride(0) == 0
         if self.share_image_work and shared and image_embeddings.shape[0] == 1:
             src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
         else:
             src = (image_embeddings + dense).expand(batch, -1, -1, -1)  # B x C x h x w
-        h, w = src.shape[-2:]
+        hw = src.shape[-2:]
 
         hs, keys = self.transformer(src, image_pe, tokens)  # B x (T+K) x C, (1|B) x hw x C
         keys = keys.expand(batch, -1, -1)
         first = 1 if multimask_output else 0
         count = self.num_multimask_outputs if multimask_output else 1
-        chosen = range(first, first + count)
+        iou_pred = self.iou_prediction_head(hs[:, 0])[:, first : first + count]  # B x M
+        index = None
+        if iou_above is not None:
+            index = torch.nonzero((iou_pred > iou_above).any(dim=1)).flatten()
+            hs, keys = hs[index], keys[index]
+        masks = self._masks(hs, keys, hw, range(first, first + count))
+        return masks, iou_pred, index
 
-        upscaled = self._upscale(keys)  # B x (hw * 16) x C/8, sub-pixel order
+    def _masks(
+        self, hs: torch.Tensor, keys: torch.Tensor, hw: tuple[int, int], chosen: range
+    ) -> torch.Tensor:
+        """Mask logits ``S x M x 4h x 4w`` from output tokens ``hs`` and image tokens ``keys``."""
+        batch, (h, w), count = hs.shape[0], hw, len(chosen)
+        if batch == 0:
+            return hs.new_zeros(0, count, 4 * h, 4 * w)
+        upscaled = self._upscale(keys)  # S x (hw * 16) x C/8, sub-pixel order
         hyper = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1
-        )  # B x M x C/8
-        masks = upscaled @ hyper.transpose(1, 2)  # B x (hw * 16) x M
+        )  # S x M x C/8
+        masks = upscaled @ hyper.transpose(1, 2)  # S x (hw * 16) x M
         # (i, j, a1, c1, a2, c2) -> row 4i + 2a1 + a2, column 4j + 2c1 + c2
         masks = masks.view(batch, h, w, 2, 2, 2, 2, count).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        masks = masks.reshape(batch, count, 4 * h, 4 * w)
-
-        iou_pred = self.iou_prediction_head(hs[:, 0])  # B x (1 + num_multimask_outputs)
-        return masks, iou_pred[:, first : first + count]
+        return masks.reshape(batch, count, 4 * h, 4 * w)
 
     def _upscale(self, keys: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` on channels-last tokens, as matmuls.
