@@ -1,6 +1,9 @@
-"""Take the screenshots of docs/user-guide.md (a script, not a test).
+"""Take the screenshots of docs/user-guide.md and docs/finetune.md (a script, not a test).
 
     xvfb-run -a -s "-screen 0 1400x1000x24" python tests/_napari/make_screenshots.py docs/images
+
+Add ``finetune`` after the folder to take only ``finetune-widget.png`` (the
+Fine-tune widget after a 60-step run).
 
 Uses the ``demo`` model when it loads (``DEMO=/path/to/checkpoint`` tries
 another file), else a randomly initialised tiny model (meaningless masks).
@@ -59,11 +62,16 @@ def wait(app, sam):
         pump(app, 1)
 
 
-def objects(seed, shape_hw, size_px, dtype):
-    """Ground-truth objects of a synthetic sample: interior point, box, mask."""
-    labels = make_sample(
+def truth(seed, shape_hw, size_px, dtype):
+    """Ground-truth labels of a synthetic nuclei sample (as the samples make them)."""
+    return make_sample(
         seed, shape_hw=shape_hw, kind="nuclei", bright_objects=True, dtype=dtype, size_px=size_px
     ).labels
+
+
+def objects(seed, shape_hw, size_px, dtype):
+    """Ground-truth objects of a synthetic sample: interior point, box, mask."""
+    labels = truth(seed, shape_hw, size_px, dtype)
     out = []
     for i in np.unique(labels)[1:]:
         mask = labels == i
@@ -80,9 +88,42 @@ def iou(a, b):
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def main(out: str) -> None:
+def finetune_shot(app, out: str, model, name) -> dict:
+    """The Fine-tune widget after a short run on four curated slices of the synthetic stack."""
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 1000)
+    viewer.open_sample("napari-sam-lab", "nuclei_stack")
+    image = viewer.layers[-1]
+    curated = np.zeros(image.data.shape, dtype=np.uint16)
+    for z in range(4):  # the ground truth of four slices stands in for curated labels
+        curated[z] = truth(sd.NUCLEI_SEED + z, (256, 256), 12.0, np.uint16)
+    labels = viewer.add_labels(curated, name="curated", scale=image.scale, opacity=0.4)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam-lab", "Fine-tune")
+    widget.session.set_model(model, name=name or "tiny_vit_b")
+    widget._show_model()
+    widget.add_pair(image, labels)
+    widget.hold_out_check.setChecked(True)
+    widget.steps_spin.setValue(60)
+    widget.lr_edit.setText("1e-3")
+    widget.train()
+    start = time.time()
+    while widget.running and time.time() - start < 600:
+        pump(app, 1)
+    viewer.dims.set_current_step(0, 3)  # the held-out slice
+    viewer.reset_view()
+    pump(app)
+    viewer.screenshot(f"{out}/finetune-widget.png", canvas_only=False)
+    info = {"finetune": [(r.step, r.loss) for r in widget.records[::10]]}
+    viewer.close()
+    return info
+
+
+def main(out: str, only: str | None = None) -> None:
     app = QApplication.instance() or QApplication([])
     model, name = best_model()
+    if only == "finetune":
+        print(json.dumps(finetune_shot(app, out, model, name)))
+        return
 
     def viewer_with(sample):
         viewer = napari.Viewer(show=True)
@@ -128,4 +169,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

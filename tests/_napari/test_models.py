@@ -35,3 +35,26 @@ def test_resolve_device():
     assert models.resolve_device("auto") in ("cpu", "cuda", "mps")
     with pytest.raises(ValueError, match="device must be one of"):
         models.resolve_device("tpu")
+
+
+def test_registered_and_finetuned_models_are_offered(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "LOCAL_MODELS", dict(models.LOCAL_MODELS))
+    mine = tmp_path / "mine.pt"
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        models.register_local_model("mine", mine)
+    mine.write_bytes(b"x")
+    with pytest.raises(ValueError, match="taken by a built-in model"):
+        models.register_local_model("vit_b", mine)
+    with pytest.raises(ValueError, match="model name must be"):
+        models.register_local_model("a b", mine)
+    assert models.register_local_model("mine", mine) == "mine"
+    assert models.model_names()[-1] == "mine" and models.loadable("mine") == mine
+    # every checkpoint in the fine-tuned folder is listed, after a restart too
+    saved = models.finetuned_dir() / "nuclei-v2.pt"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"x")
+    (saved.parent / "vit_b.pt").write_bytes(b"x")  # never shadows a published model
+    assert models.local_models()["nuclei-v2"] == saved
+    assert models.loadable("nuclei-v2") == saved and models.loadable("vit_b") == "vit_b"
+    entry = {e.name: e for e in models.model_entries()}["nuclei-v2"]
+    assert entry.cached and "local" in entry.note

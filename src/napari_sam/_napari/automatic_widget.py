@@ -87,6 +87,7 @@ class AutomaticWidget(QWidget):
             (events.inserted, self._refresh_layers),
             (events.removed, self._refresh_layers),
             (self.session.events.model, self._show_model),
+            (self.session.events.model_list, self._show_model),
         ]
         for emitter, callback in pairs:
             emitter.connect(callback)

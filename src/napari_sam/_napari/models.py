@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from napari_sam.data import DEMO_CHECKPOINT
 #: Default model of a new session.
 DEFAULT_MODEL = "vit_b"
 
-#: Models that ship as files, offered (when the file exists) besides the
-#: published checkpoints of :data:`napari_sam.weights.KNOWN_CHECKPOINTS`, which
-#: all appear automatically. One line per model: name -> checkpoint file.
+#: Models that are files on this machine, offered (when the file exists)
+#: besides the published checkpoints of :data:`napari_sam.weights.KNOWN_CHECKPOINTS`,
+#: which all appear automatically: the shipped ones, and fine-tuned ones added
+#: with :func:`register_local_model`. Name -> checkpoint file.
 LOCAL_MODELS: dict[str, Path] = {"demo": DEMO_CHECKPOINT}
 
 _HINT = (
@@ -49,9 +51,68 @@ class ModelEntry:
         return f"{self.name} (cached)" if self.cached else f"{self.name} (download)"
 
 
+def finetuned_dir() -> Path:
+    """Default folder of fine-tuned checkpoints: ``<cache dir>/finetuned``.
+
+    Every ``*.pt`` file there is offered as a model named after the file.
+    """
+    return weights.cache_dir() / "finetuned"
+
+
+def local_models() -> dict[str, Path]:
+    """Name -> file of every local model: :data:`LOCAL_MODELS`, then :func:`finetuned_dir`'s."""
+    folder = finetuned_dir()
+    found = {p.stem: p for p in sorted(folder.glob("*.pt"))} if folder.is_dir() else {}
+    taken = {*LOCAL_MODELS, *weights.KNOWN_CHECKPOINTS, *weights.PACKAGED_CHECKPOINTS}
+    return {**LOCAL_MODELS, **{k: v for k, v in found.items() if k not in taken}}
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if it can name a new local model, else raise ValueError.
+
+    Letters, digits, ``.``, ``_`` and ``-``; not the name of a published,
+    packaged or registry model.
+    """
+    from napari_sam.registry import MODEL_CONFIGS
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(
+            f"model name must be letters, digits, '.', '_' or '-' (e.g. 'vit_b-nuclei'); "
+            f"received {name!r}"
+        )
+    reserved = {*weights.KNOWN_CHECKPOINTS, *weights.PACKAGED_CHECKPOINTS, *MODEL_CONFIGS}
+    if name in reserved:
+        raise ValueError(f"model name {name!r} is taken by a built-in model: choose another")
+    return name
+
+
+def register_local_model(name: str, path: str | Path) -> str:
+    """Offer checkpoint ``path`` as model ``name`` in the widgets' model lists.
+
+    Parameters
+    ----------
+    name : str
+        New model name (see :func:`check_model_name`); registering a name
+        again points it to the new file.
+    path : str or Path
+        An existing checkpoint file (official SAM layout).
+
+    Returns
+    -------
+    str
+        ``name``.
+    """
+    check_model_name(name)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"path: no checkpoint file at {str(path)!r}")
+    LOCAL_MODELS[name] = path
+    return name
+
+
 def model_names() -> tuple[str, ...]:
     """Every offered model name, the default first, no duplicates."""
-    local = [name for name, path in LOCAL_MODELS.items() if path.is_file()]
+    local = [name for name, path in local_models().items() if path.is_file()]
     return tuple(dict.fromkeys([DEFAULT_MODEL, *weights.KNOWN_CHECKPOINTS, *local]))
 
 
@@ -68,7 +129,7 @@ def is_cached(name: str) -> bool:
 def loadable(source: str | Path) -> str | Path:
     """What to pass to :func:`napari_sam.weights.load_model` for ``source``."""
     if isinstance(source, str) and source not in weights.KNOWN_CHECKPOINTS:
-        return LOCAL_MODELS.get(source, source)
+        return local_models().get(source, source)
     return source
 
 
@@ -77,7 +138,8 @@ def model_entries() -> tuple[ModelEntry, ...]:
     out = []
     for name in model_names():
         info = weights.KNOWN_CHECKPOINTS.get(name)
-        note = info.note if info else f"shipped with the package ({loadable(name)})"
+        where = "shipped with the package" if name in weights.PACKAGED_CHECKPOINTS else "local"
+        note = info.note if info else f"{where} ({loadable(name)})"
         out.append(ModelEntry(name, is_cached(name), note))
     return tuple(out)
 

@@ -38,7 +38,7 @@ from .layers import (
     view_plane,
     write_prompts,
 )
-from .models import DEFAULT_MODEL, ModelSlot
+from .models import DEFAULT_MODEL, ModelSlot, register_local_model
 from .own_layers import OwnLayers
 from .segmentation import Segmentation, segment_prompts
 
@@ -73,8 +73,9 @@ class SamSession:
     Events
     ------
     Each carries ``event.value``: ``status`` and ``error`` (message str),
-    ``model`` (source), ``embedding`` (EmbeddingKey now ready), ``prediction``
-    (Segmentation or None), ``committed`` (CommitResult).
+    ``model`` (source), ``model_list`` (name of a model added to the list),
+    ``embedding`` (EmbeddingKey now ready), ``prediction`` (Segmentation or
+    None), ``committed`` (CommitResult).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class SamSession:
             source=self,
             status=None,
             model=None,
+            model_list=None,
             embedding=None,
             prediction=None,
             committed=None,
@@ -156,6 +158,12 @@ class SamSession:
     def set_model(self, model, *, name: str | None = None) -> None:
         """Use an already built model (tests, scripts, fine-tuned weights)."""
         self.models.set_model(model, name=name)
+
+    def add_local_model(self, name: str, path: str | Path) -> str:
+        """Offer checkpoint ``path`` as model ``name`` in the model lists (e.g. fine-tuned)."""
+        register_local_model(name, path)
+        self.events.model_list(value=name)
+        return name
 
     def set_model_source(self, source: str | Path) -> None:
         """Choose a model by name or checkpoint file; it loads when needed."""

@@ -52,6 +52,13 @@ def _disconnect_on_destroy(widget: QWidget, pairs) -> None:
     widget.destroyed.connect(disconnect)
 
 
+def _connect_while_alive(widget: QWidget, pairs) -> None:
+    """Connect napari ``(emitter, callback)`` pairs until ``widget`` is destroyed."""
+    for emitter, callback in pairs:
+        emitter.connect(callback)
+    _disconnect_on_destroy(widget, pairs)
+
+
 class SamWidget(QWidget):
     """Interactive segmentation: image, model, prompts, candidates, commit.
 
@@ -190,6 +197,7 @@ class SamWidget(QWidget):
             (s.events.error, self._on_error),
             (s.events.prediction, self._on_prediction),
             (s.events.model, self._on_model_event),
+            (s.events.model_list, self._on_model_event),
             (s.events.committed, self._on_committed),
             (layer_events.inserted, self._refresh_layers),
             (layer_events.removed, self._refresh_layers),
