@@ -245,6 +245,53 @@ def test_embedding_input_gives_the_same_masks(image, amg_model):
         assert a.predicted_iou == b.predicted_iou
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_iou_threshold_before_the_decoder_upscaling_keeps_the_masks(image, amg_model, threshold):
+    """Points with no mask above pred_iou_thresh skip the upscaling; the rest are unchanged."""
+    kwargs = {"points_per_side": 8, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    ours = generate_masks(amg_model, image, pred_iou_thresh=threshold, **kwargs)
+    everything = generate_masks(amg_model, image, pred_iou_thresh=0.0, **kwargs)
+    expected = [r for r in everything if threshold == 0.0 or r.predicted_iou > threshold]
+    assert 0 < len(ours) == len(expected)
+    for a, b in zip(ours, expected, strict=True):
+        assert a.point_xy == b.point_xy and a.predicted_iou == b.predicted_iou
+        assert np.array_equal(a.segmentation, b.segmentation)
+
+
+def test_precision_reaches_encoder_and_decoder(image, amg_model, monkeypatch):
+    from napari_sam import predict
+
+    seen = {"encode": [], "decode": []}
+    real_encode, real_decode = automatic.encode_image, automatic.decode_low_res
+
+    def encode(*args, **kwargs):
+        seen["encode"].append(kwargs.get("precision"))
+        return real_encode(*args, **kwargs)
+
+    def decode(*args, **kwargs):
+        seen["decode"].append(kwargs.get("precision"))
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(automatic, "encode_image", encode)
+    monkeypatch.setattr(automatic, "decode_low_res", decode)
+    kwargs = {"points_per_side": 4, **THRESHOLDS_AT_ZERO}
+    exact = generate_masks(amg_model, image, **kwargs)
+    fp32 = generate_masks(amg_model, image, precision="fp32", **kwargs)
+    assert seen["encode"] == ["exact", "fp32"]
+    assert set(seen["decode"]) == {None, "fp32"}
+    for a, b in zip(exact, fp32, strict=True):  # exact is fp32: the same masks
+        assert np.array_equal(a.segmentation, b.segmentation)
+    half = predict.encode_image(amg_model, image, precision="bf16")
+    assert half.precision == "bf16"
+    records = generate_masks(amg_model, half, **kwargs)  # the decoder follows the embedding
+    assert len(records) == len(exact)
+    assert (
+        np.mean([_mask_iou(a.segmentation, b.segmentation) for a, b in zip(records, exact)]) > 0.8
+    )
+    with pytest.raises(ValueError, match="precision must be one of"):
+        generate_masks(amg_model, image, precision="double", **kwargs)
+
+
 def test_results_do_not_depend_on_points_per_batch(image, amg_model):
     kwargs = {"points_per_side": 8, **THRESHOLDS_AT_ZERO}
     big = generate_masks(amg_model, image, points_per_batch=64, **kwargs)

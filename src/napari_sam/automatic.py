@@ -98,6 +98,7 @@ def generate_masks(
     min_mask_region_area: int = 0,
     rgb: bool | None = None,
     contrast_limits: Sequence[float] | None = None,
+    precision: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
 ) -> list[MaskRecord]:
@@ -137,6 +138,10 @@ def generate_masks(
         If > 0, fill holes and drop islands smaller than this many pixels.
     rgb, contrast_limits
         How to read ``image`` (see :func:`napari_sam.image.prepare_image`).
+    precision : {"exact", "auto", "fp32", "bf16", "fp16"}, optional
+        Precision of the encoder and decoder (see :mod:`napari_sam.precision`).
+        Default: ``"exact"`` for an image (fp32, the reference's masks); for
+        an embedding, the precision it was computed in.
     progress : callable ``(done, total) -> None``, optional
         Called with 0 first, then after each image encoding, each batch of
         points and the small-region clean-up.
@@ -175,6 +180,7 @@ def generate_masks(
         settings,
         rgb=rgb,
         contrast_limits=contrast_limits,
+        precision=precision,
         progress=progress,
         cancel=cancel,
     )
@@ -187,6 +193,7 @@ def generate_with_settings(
     *,
     rgb: bool | None = None,
     contrast_limits: Sequence[float] | None = None,
+    precision: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
 ) -> list[MaskRecord]:
@@ -216,13 +223,17 @@ def generate_with_settings(
         steps.check()
         if embedding is None:
             x0, y0, x1, y1 = crop.box_xyxy
-            crop_embedding = encode_image(model, image[y0:y1, x0:x1])
+            crop_embedding = encode_image(
+                model, image[y0:y1, x0:x1], precision=precision or "exact"
+            )
             steps.report()
         else:
             crop_embedding = embedding
         grid = ops.point_grid(sides[crop.layer])
         points_xy = grid * np.array(crop.shape_hw[::-1], dtype=np.float64)[None]
-        found = _process_crop(model, crop_embedding, crop, points_xy, settings, shape_hw, steps)
+        found = _process_crop(
+            model, crop_embedding, crop, points_xy, settings, shape_hw, steps, precision
+        )
         per_crop.append(found.with_crop(index))
     found = Candidates.concatenate(per_crop)
     if len(crops) > 1:
@@ -257,6 +268,7 @@ def _process_crop(
     settings: AutomaticSettings,
     image_hw: tuple[int, int],
     steps: Steps,
+    precision: str | None,
 ) -> Candidates:
     """All filtered masks of one crop after the within-crop NMS, in image coordinates."""
     batch = settings.points_per_batch
@@ -265,7 +277,13 @@ def _process_crop(
         steps.check()
         found.append(
             _process_batch(
-                model, embedding, crop, points_xy[start : start + batch], settings, image_hw
+                model,
+                embedding,
+                crop,
+                points_xy[start : start + batch],
+                settings,
+                image_hw,
+                precision,
             )
         )
         steps.report()
@@ -283,10 +301,13 @@ def _process_batch(
     points_xy: np.ndarray,
     settings: AutomaticSettings,
     image_hw: tuple[int, int],
+    precision: str | None,
 ) -> Candidates:
     """Decode one batch of points; filter; encode the survivors (crop frame boxes/points)."""
     thresh = settings.pred_iou_thresh if settings.pred_iou_thresh > 0.0 else None
-    logits, iou, index = _decode(model, embedding, points_xy, thresh)  # S x M x 4h x 4w, B x M
+    logits, iou, index = _decode(
+        model, embedding, points_xy, thresh, precision
+    )  # S x M x 4h x 4w, B x M
     n_out = iou.shape[1]
     iou = iou.float()
     if thresh is None:
@@ -312,7 +333,11 @@ def _process_batch(
 
 
 def _decode(
-    model: Sam, embedding: ImageEmbedding, points_xy: np.ndarray, iou_above: float | None
+    model: Sam,
+    embedding: ImageEmbedding,
+    points_xy: np.ndarray,
+    iou_above: float | None,
+    precision: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Low-res logits and IoU of one positive point each.
 
@@ -337,6 +362,7 @@ def _decode(
             boxes_xyxy=None,
             mask_input=None,
             multimask=True,
+            precision=precision,
             iou_above=iou_above,
         )
         logits.append(low.logits)
