@@ -67,7 +67,7 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == "ours":
 
         def run():
-            return generate_masks(model, image, **kwargs)
+            return generate_masks(model, image, precision=args.precision, **kwargs)
 
     else:
         from segment_anything import SamAutomaticMaskGenerator
@@ -174,6 +174,8 @@ def _run_worker(impl: str, setting: str, args: argparse.Namespace, masks_out: Pa
         str(args.points_per_side),
         "--threads",
         str(args.threads),
+        "--precision",
+        args.precision,
     ]
     if masks_out is not None:
         cmd += ["--masks-out", str(masks_out)]
@@ -221,6 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--precision",
+        default="exact",
+        choices=["exact", "auto", "fp32", "bf16"],
+        help="ours only (the reference is fp32)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "automatic.json")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"{args.model} (random weights, randomize_ seed 0)",
         "image_hw": [args.size, args.size],
         "grid": f"{args.points_per_side} x {args.points_per_side}",
-        "precision": "fp32 (exact)",
+        "precision": f"ours {args.precision}, reference fp32",
         "repeats": args.repeats,
         "isolation": "one subprocess per measurement, alternating ours / reference",
         "torch": torch.__version__,
