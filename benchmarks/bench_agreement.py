@@ -1,0 +1,153 @@
+"""Agreement of ``precision="auto"`` with ``"exact"``: click, box and automatic masks.
+
+For each held-out synthetic image (dataset seed 2, never trained on), both
+precisions encode the image; then, for every labelled object, a positive
+click at its centre (multimask, best predicted IoU kept) and its tight box
+(single mask) give one mask per precision, and their IoU is recorded.
+The automatic generator (default settings unless ``--automatic`` says
+otherwise) runs on both embeddings; each object of either side is matched
+to the other side's best-overlapping object, and the fraction matched at
+IoU >= 0.9 is reported both ways.
+
+``auto`` resolves to bf16 only on hardware that runs it fast (see
+:mod:`napari_sam.precision`); elsewhere it is fp32 and the agreement is 1.
+
+Usage::
+
+    python benchmarks/bench_agreement.py --model demo --images 12
+    python benchmarks/bench_agreement.py --model vit_b --random --images 2 --size 1024
+
+Writes JSON to ``benchmarks/results/agreement_<model>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float]:
+    """``(x, y)`` of the pixel farthest from the object's boundary."""
+    from scipy import ndimage as ndi
+
+    dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(np.argmax(dist), dist.shape)
+    return float(x), float(y)
+
+
+def matched_count(ours: list[np.ndarray], theirs: list[np.ndarray], at: float = 0.9) -> int:
+    """How many of ``ours`` have an object of ``theirs`` at IoU >= ``at``."""
+    return sum(any(_iou(a, b) >= at for b in theirs) for a in ours)
+
+
+def _prompt_ious(model, emb_a, emb_b, labels: np.ndarray, max_objects: int) -> dict:
+    from napari_sam.predict import predict_masks
+
+    clicks, boxes = [], []
+    ids = [i for i in np.unique(labels) if i][:max_objects]
+    for obj in ids:
+        mask = labels == obj
+        ys, xs = np.nonzero(mask)
+        point = [_centre(mask)]
+        box = [xs.min(), ys.min(), xs.max(), ys.max()]
+        got = []
+        for emb in (emb_a, emb_b):
+            click = predict_masks(model, emb, points_xy=point, point_labels=[1])
+            best = int(np.argmax(click.iou_scores[0]))
+            boxed = predict_masks(model, emb, boxes_xyxy=box, multimask=False)
+            got.append((click.masks[0, best], boxed.masks[0, 0]))
+        clicks.append(_iou(got[0][0], got[1][0]))
+        boxes.append(_iou(got[0][1], got[1][1]))
+    return {"click": clicks, "box": boxes}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--random", action="store_true", help="random weights (randomize_)")
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--max-objects", type=int, default=10, help="prompted objects per image")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+    import torch
+
+    from napari_sam.automatic import generate_masks
+    from napari_sam.precision import precision_name, resolve_precision
+    from napari_sam.predict import encode_image
+    from napari_sam.registry import build_model
+    from napari_sam.synthetic import make_dataset
+    from napari_sam.weights import load_model
+
+    if args.random:
+        from tests._reference import randomize_
+
+        torch.manual_seed(0)
+        model = randomize_(build_model(args.model), seed=0)
+    else:
+        model = load_model(args.model)
+    model.eval()
+    auto = precision_name(resolve_precision("auto", "cpu"))
+    samples = make_dataset(args.images, seed=2, shape_hw=(args.size, args.size))
+    clicks, boxes, auto_in_exact, exact_in_auto, counts = [], [], [], [], []
+    for sample in samples:
+        exact = encode_image(model, sample.image, precision="exact")
+        fast = encode_image(model, sample.image, precision="auto")
+        ious = _prompt_ious(model, exact, fast, sample.labels, args.max_objects)
+        clicks += ious["click"]
+        boxes += ious["box"]
+        found = []
+        for emb in (exact, fast):
+            records = generate_masks(model, emb, points_per_side=args.points_per_side)
+            found.append([r.segmentation for r in records])
+        exact_in_auto.append(matched_count(found[0], found[1]))
+        auto_in_exact.append(matched_count(found[1], found[0]))
+        counts.append([len(found[0]), len(found[1])])
+        print(
+            f"image: click {np.mean(ious['click']):.4f} box {np.mean(ious['box']):.4f} "
+            f"automatic {len(found[0])} exact / {len(found[1])} auto objects, matched "
+            f"{exact_in_auto[-1]} / {auto_in_exact[-1]}",
+            flush=True,
+        )
+    n_exact, n_auto = (sum(c[i] for c in counts) for i in (0, 1))
+    report = {
+        "benchmark": "agreement of auto with exact",
+        "model": f"{args.model}{' (random weights)' if args.random else ''}",
+        "auto_resolves_to": auto,
+        "images": args.images,
+        "image_hw": [args.size, args.size],
+        "objects_prompted": len(clicks),
+        "click_mean_iou": statistics.fmean(clicks) if clicks else None,
+        "click_min_iou": min(clicks) if clicks else None,
+        "box_mean_iou": statistics.fmean(boxes) if boxes else None,
+        "box_min_iou": min(boxes) if boxes else None,
+        "automatic_objects": {"exact": n_exact, "auto": n_auto},
+        # pooled over images: objects of one side with a partner at IoU >= 0.9
+        "automatic_exact_matched_in_auto": sum(exact_in_auto) / max(n_exact, 1),
+        "automatic_auto_matched_in_exact": sum(auto_in_exact) / max(n_auto, 1),
+        "automatic_settings": f"defaults, {args.points_per_side} x {args.points_per_side} grid",
+    }
+    out = args.out or HERE / "results" / f"agreement_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
