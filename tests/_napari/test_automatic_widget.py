@@ -94,6 +94,25 @@ def test_stale_result_is_not_applied(viewer, tiny_model):
     assert engine.output is None
 
 
+def test_runs_in_the_session_precision(viewer, tiny_model, monkeypatch):
+    from napari_sam._napari import automatic_run
+
+    calls = []
+    real = automatic_run.generate_masks
+
+    def spy(model, source, **kwargs):
+        calls.append((source, kwargs["precision"]))
+        return real(model, source, **kwargs)
+
+    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+    engine, image = _engine(viewer, tiny_model, _image())
+    engine.session.set_precision("exact")
+    _run(engine, image)  # through the session's cache: an fp32 embedding
+    assert calls[-1][1] == "exact" and calls[-1][0].precision == "fp32"
+    _run(engine, image, crop_n_layers=1)  # crops are encoded by generate_masks itself
+    assert calls[-1][1] == "exact" and isinstance(calls[-1][0], np.ndarray)
+
+
 def test_cancel_raises_and_changes_nothing(viewer, tiny_model):
     engine, image = _engine(viewer, tiny_model, _image((4, 48, 64)))
     plane = view_plane(image, viewer.dims)

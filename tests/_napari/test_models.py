@@ -1,4 +1,4 @@
-"""The model list, cache status and device choice of the widgets (no display)."""
+"""The model list, cache status, device and precision choice of the widgets (no display)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,24 @@ def test_registered_and_finetuned_models_are_offered(tmp_path, monkeypatch):
     assert models.loadable("nuclei-v2") == saved and models.loadable("vit_b") == "vit_b"
     entry = {e.name: e for e in models.model_entries()}["nuclei-v2"]
     assert entry.cached and "local" in entry.note
+
+
+def test_precision_choice_is_validated_and_bumps_the_token():
+    changes = []
+    slot = models.ModelSlot(
+        "vit_b", "cpu", on_change=lambda: changes.append(1), on_status=print, on_error=print
+    )
+    assert slot.precision == models.DEFAULT_PRECISION == "auto"
+    token = slot.token
+    slot.set_precision("exact")
+    assert slot.precision == "exact" and slot.token == token + 1 and changes == [1]
+    slot.set_precision("exact")  # the current one: nothing to recompute
+    assert slot.token == token + 1 and changes == [1]
+    choices = r"\('auto', 'exact', 'fp32', 'bf16', 'fp16'\)"
+    with pytest.raises(ValueError, match=rf"precision must be one of {choices}; received 'fp8'"):
+        slot.set_precision("fp8")
+    assert slot.precision == "exact" and slot.token == token + 1
+    with pytest.raises(ValueError, match="precision must be one of"):
+        models.ModelSlot(
+            "vit_b", "cpu", precision="half", on_change=print, on_status=print, on_error=print
+        )

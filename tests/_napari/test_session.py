@@ -157,6 +157,44 @@ def test_contrast_change_invalidates_and_model_change_clears(session, tiny_model
     )
 
 
+def test_precision_choice_recomputes_the_embedding(session):
+    from napari_sam.precision import precision_name, resolve_precision
+
+    statuses = []
+    session.events.status.connect(lambda event: statuses.append(event.value))
+    image, plane = session.image_layer, session.current_plane()
+    auto_name = precision_name(resolve_precision("auto", "cpu"))  # bf16 only on fast CPUs
+    assert session.models.precision == "auto"
+    auto = session.embeddings.get(image, plane)
+    assert auto.precision == auto_name
+    auto_key = session.embeddings.key(image, plane)
+    session.set_precision("exact")
+    assert session.models.precision == "exact"
+    assert auto_key not in session.embeddings.cache
+    exact = session.embeddings.get(image, plane)  # recomputed at once (synchronous session)
+    assert exact is not auto and exact.precision == "fp32"
+    assert statuses[-1].startswith("Embedding ready (fp32)")
+    _add_point(session, 1, 20, 30)
+    assert session.result.key == session.embeddings.key(image, plane)
+    session.set_precision("auto")  # back: the fp32 embedding is not reused
+    again = session.embeddings.get(image, plane)
+    assert again is not exact and again.precision == auto_name
+    assert statuses[-1].startswith(f"Embedding ready ({auto_name})")
+    assert len(session.embeddings.cache) == 1
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'exact'.*'fast'"):
+        session.set_precision("fast")
+    assert session.models.precision == "auto"
+
+
+def test_precision_given_to_a_new_session(viewer, tiny_model):
+    sam = SamSession(viewer, precision="exact", threaded=False)
+    sam.set_model(tiny_model)
+    sam.set_image(viewer.add_image(np.zeros((20, 30), np.float32)))
+    assert sam.embedding_for().precision == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SamSession(ViewerModel(), precision="double")
+
+
 def test_for_viewer_shares_one_session(viewer):
     other = ViewerModel()
     assert SamSession.for_viewer(viewer) is SamSession.for_viewer(viewer)
@@ -184,7 +222,7 @@ def test_rgb_as_colour_and_grey_through_contrast_limits(viewer, tiny_model, monk
     )
     sam.set_image(grey)
     assert calls[-1][0] == (20, 30)
-    assert calls[-1][1] == {"rgb": False, "contrast_limits": (10.0, 90.0)}
+    assert calls[-1][1] == {"rgb": False, "contrast_limits": (10.0, 90.0), "precision": "auto"}
     assert sam.points_layer.ndim == 2  # prompt layers follow the image's ndim
 
 

@@ -154,6 +154,13 @@ def test_enter_runs_in_a_worker_and_fills_layer_table(opened, qtbot):
     _run(widget, qtbot, "blue")
     assert (widget.mask_cache.hits, widget.mask_cache.misses) == (1, 1)
     assert widget.output_layer is layer  # replaced in place, never a new layer
+    # another precision: neither its embedding nor its automatic masks are reused
+    widget.session.set_precision("exact")
+    assert len(widget.mask_cache) == 0
+    _run(widget, qtbot, "blue")
+    assert (widget.mask_cache.hits, widget.mask_cache.misses) == (1, 2)
+    plane = widget.result[0].plane
+    assert widget.session.embeddings.get(image, plane).precision == "fp32"
 
 
 @pytest.mark.gui

@@ -321,3 +321,27 @@ def test_model_list_in_the_widget(opened, tmp_path, monkeypatch, qtbot):
     # a local file loads at once; this one is empty: refused with a message, no crash
     qtbot.waitUntil(lambda: widget.session.models.error is not None, timeout=TIMEOUT_MS)
     assert "empty" in widget.status.text() and "Checkpoint file" in widget.status.text()
+
+
+def test_precision_combo_recomputes_and_shows_the_precision(opened, qtbot):
+    from napari_sam.precision import PRECISIONS, precision_name, resolve_precision
+
+    _viewer, image, widget = opened
+    sam, combo = widget.session, widget.precision_combo
+    assert [combo.itemText(i) for i in range(combo.count())] == list(PRECISIONS)
+    assert combo.currentText() == "auto" and "identical to the reference" in combo.toolTip()
+    auto_name = precision_name(resolve_precision("auto", "cpu"))
+    auto = sam.embeddings.get(image, sam.current_plane())
+    assert auto.precision == auto_name
+    combo.setCurrentText("exact")
+    combo.activated.emit(combo.currentIndex())
+    assert sam.models.precision == "exact"
+    _ready(widget, qtbot)
+    exact = sam.embeddings.get(image, sam.current_plane())
+    assert exact is not auto and exact.precision == "fp32"
+    assert "Embedding ready (fp32)" in widget.status.text()
+    sam.set_precision("bf16")  # from the console: the combo follows
+    assert combo.currentText() == "bf16"
+    _ready(widget, qtbot)
+    assert sam.embeddings.get(image, sam.current_plane()).precision == "bf16"
+    assert "Embedding ready (bf16)" in widget.status.text()

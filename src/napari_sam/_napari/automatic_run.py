@@ -89,10 +89,11 @@ class AutomaticSegmentation:
 
         ``progress(done, total)`` counts steps over all planes (embedding,
         batches of points); ``cancel()`` raises :class:`Cancelled` between them.
+        Encoding and decoding use the session's precision.
         """
         store = self.session.embeddings
         model = self.session.models.ensure()
-        token = self.session.models.token
+        token, precision = self.session.models.token, self.session.models.precision
         limits = tuple(float(v) for v in image.contrast_limits)
         per_plane = 100
         results = []
@@ -114,6 +115,7 @@ class AutomaticSegmentation:
                 source,
                 rgb=image.rgb,
                 contrast_limits=limits,
+                precision=precision,  # crops are encoded here, not through the cache
                 progress=step,
                 cancel=cancel,
                 **kwargs,

@@ -24,10 +24,13 @@ from .models import ModelSlot
 class EmbeddingStore:
     """Embeddings keyed by layer, plane, contrast limits and model generation.
 
+    Each is encoded in the precision of ``models`` (a change of precision
+    bumps the model generation, so embeddings of the old one are not reused).
+
     Parameters
     ----------
     models : ModelSlot
-        Where the model comes from (its ``token`` is part of every key).
+        Where the model comes from (its ``token`` is part of every key) and its precision.
     max_bytes : int
         Memory bound of the cache.
     on_status, on_error : callable
@@ -70,9 +73,14 @@ class EmbeddingStore:
         return self.cache.get(self.key(image, plane))
 
     def _work(self, image: Image, plane: ViewPlane, key: EmbeddingKey):
+        precision = self.models.precision  # read with the key: a later change bumps its token
+
         def work(model) -> ImageEmbedding:
             data = plane_image(image, plane)
-            return encode_image(model, data, rgb=image.rgb, contrast_limits=key.contrast_limits)
+            limits = key.contrast_limits
+            return encode_image(
+                model, data, rgb=image.rgb, contrast_limits=limits, precision=precision
+            )
 
         return work
 

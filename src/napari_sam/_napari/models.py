@@ -1,4 +1,4 @@
-"""Which models the widgets offer, where their weights are, which device to run on (no Qt)."""
+"""Which models the widgets offer, where their weights are, which device and precision (no Qt)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ _HINT = (
 
 #: Device choices; ``"auto"`` picks cuda, then mps, then cpu.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+
+#: Default precision of a new session: bf16 where the hardware makes it fast, else fp32.
+DEFAULT_PRECISION = "auto"
 
 
 @dataclass(frozen=True)
@@ -170,16 +173,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_precision(precision: str) -> str:
+    """Return ``precision`` if it names a precision, else raise ValueError.
+
+    Parameters
+    ----------
+    precision : {"auto", "exact", "fp32", "bf16", "fp16"}
+        One of :data:`napari_sam.precision.PRECISIONS`.
+
+    Returns
+    -------
+    str
+        ``precision``.
+    """
+    from napari_sam.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
+    return precision
+
+
 def describe_source(source: str | Path) -> str:
     """Short human name of a model source (a name or a checkpoint file)."""
     return Path(source).name if isinstance(source, Path) else str(source)
 
 
 class ModelSlot:
-    """The session's model: its source and device, loaded lazily, possibly in a worker.
+    """The session's model: source, device and precision, loaded lazily, possibly in a worker.
 
     ``token`` (the model's generation) bumps on every change, so work started
-    with an older model is recognised and dropped.
+    with an older model, device or precision is recognised and dropped.
 
     Parameters
     ----------
@@ -187,16 +210,22 @@ class ModelSlot:
         Model name or checkpoint file.
     device : str
         A :data:`DEVICES` choice.
+    precision : str, optional
+        A :data:`napari_sam.precision.PRECISIONS` choice for the embeddings
+        (default :data:`DEFAULT_PRECISION`).
     on_change : callable
-        Called with no argument after every change of model, source or device.
+        Called with no argument after every change of model, source, device or precision.
     on_status, on_error : callable
         Called with a message (``on_error`` when a load fails).
     """
 
-    def __init__(self, source, device, *, on_change, on_status, on_error) -> None:
+    def __init__(
+        self, source, device, *, precision=DEFAULT_PRECISION, on_change, on_status, on_error
+    ) -> None:
         resolve_device(device)
         self.source: str | Path = source
         self.device = device
+        self.precision: str = check_precision(precision)
         self.model = None
         self.token = 0
         self.error: str | None = None
@@ -238,6 +267,20 @@ class ModelSlot:
         self.device = device
         if self.model is not None:
             self.model = self.model.to(resolved)
+        self._changed()
+
+    def set_precision(self, precision: str) -> None:
+        """Choose the precision of new embeddings (those of another precision are not reused).
+
+        Parameters
+        ----------
+        precision : {"auto", "exact", "fp32", "bf16", "fp16"}
+            See :mod:`napari_sam.precision`; choosing the current one changes nothing.
+        """
+        check_precision(precision)
+        if precision == self.precision:
+            return
+        self.precision = precision
         self._changed()
 
     def ensure(self):

@@ -38,7 +38,7 @@ from .layers import (
     view_plane,
     write_prompts,
 )
-from .models import DEFAULT_MODEL, ModelSlot, register_local_model
+from .models import DEFAULT_MODEL, DEFAULT_PRECISION, ModelSlot, register_local_model
 from .own_layers import OwnLayers
 from .segmentation import Segmentation, segment_prompts
 
@@ -64,6 +64,10 @@ class SamSession:
         Model name (``"vit_b"``, ...) or checkpoint file, loaded when needed.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    precision : str
+        Precision of the embeddings, one of :data:`napari_sam.precision.PRECISIONS`:
+        ``"auto"`` (bf16 where the hardware makes it fast, else fp32),
+        ``"exact"`` (fp32, the reference's results), ``"fp32"``, ``"bf16"``, ``"fp16"``.
     cache_bytes : int
         Memory bound of the embedding cache.
     threaded : bool, optional
@@ -84,6 +88,7 @@ class SamSession:
         *,
         model: str | Path = DEFAULT_MODEL,
         device: str = "auto",
+        precision: str = DEFAULT_PRECISION,
         cache_bytes: int = 512 * 2**20,
         threaded: bool | None = None,
     ) -> None:
@@ -110,6 +115,7 @@ class SamSession:
         self.models = ModelSlot(
             model,
             device,
+            precision=precision,
             on_change=self._on_model_changed,
             on_status=self._status,
             on_error=self._error,
@@ -172,6 +178,22 @@ class SamSession:
     def set_device(self, device: str) -> None:
         """Choose ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``; moves a loaded model."""
         self.models.set_device(device)
+
+    def set_precision(self, precision: str) -> None:
+        """Choose the precision of new embeddings; those of the old one are recomputed.
+
+        Parameters
+        ----------
+        precision : {"auto", "exact", "fp32", "bf16", "fp16"}
+            ``"auto"``: bf16 where this CPU or GPU runs it fast, else fp32;
+            ``"exact"``: fp32, the reference implementation's results.
+
+        Raises
+        ------
+        ValueError
+            If ``precision`` is not one of those.
+        """
+        self.models.set_precision(precision)
 
     def ensure_model(self):
         """Load the model now (blocking; downloads if needed) and return it."""
@@ -304,18 +326,27 @@ class SamSession:
             if self.models.model is None:
                 return False
         if not threaded:
-            return self.embeddings.compute_here(self._image, plane)
+            done = self.embeddings.compute_here(self._image, plane)
+            if done:
+                self._status(self._ready_message(self.embeddings.key(self._image, plane)))
+            return done
         self.embeddings.start(self._image, plane, on_done=self._on_embedding_done)
         return False
 
     def _on_embedding_done(self, key: EmbeddingKey) -> None:
         plane = self.current_plane()
         if plane is not None and self.embeddings.key(self._image, plane) == key:
-            self._status("Embedding ready: click to add points, draw boxes")
+            self._status(self._ready_message(key))
             self.events.embedding(value=key)
             self.update_preview()
         else:  # slice, image, contrast or model changed meanwhile: not applied here
             self.request_embedding()
+
+    def _ready_message(self, key: EmbeddingKey) -> str:
+        """The ready message, with the precision the embedding was computed in (``bf16``...)."""
+        embedding = self.embeddings.cache.get(key)
+        precision = "" if embedding is None else f" ({embedding.precision})"
+        return f"Embedding ready{precision}: click to add points, draw boxes"
 
     # ---------------------------------------------------------------- preview
     def update_preview(self, reason: str = "changed") -> Segmentation | None:

@@ -192,7 +192,7 @@ class TextPromptWidget(QWidget):
         pairs = [
             (layer_events.inserted, self._refresh_layers),
             (layer_events.removed, self._on_layer_removed),
-            (self.session.events.model, self._on_invalidated),
+            (self.session.events.model, self._on_model_changed),
         ]
         for emitter, callback in pairs:
             emitter.connect(callback)
@@ -411,6 +411,11 @@ class TextPromptWidget(QWidget):
         self._generation += 1
         if self.result is not None:
             self.accept_button.setEnabled(False)
+
+    def _on_model_changed(self, event=None) -> None:
+        """Model, device or precision changed: automatic masks of the old one are not reused."""
+        self.mask_cache.clear()
+        self._on_invalidated()
 
     def _say(self, message: str, *, error: bool = False) -> None:
         self.status.setStyleSheet("color: #ff8080;" if error else "")

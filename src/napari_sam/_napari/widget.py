@@ -26,6 +26,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sam.precision import PRECISIONS
+
 from ._keys import KEYS, NEGATIVE_MODIFIER
 from .layers import POSITIVE
 from .models import DEVICES, describe_source, model_entries
@@ -35,6 +37,12 @@ _FILE_ITEM = "Checkpoint file…"
 _NEW_LABELS = "New layer (on first commit)"
 _MODES = {"Keep existing objects": "keep", "Overwrite": "overwrite"}
 _CANDIDATES = ("#1", "#2", "#3")
+_PRECISION_TIP = (
+    "auto: bf16 where this CPU/GPU runs it fast (fp16 on older GPUs), else fp32. "
+    "exact: fp32, identical to the reference implementation. "
+    "fp32, bf16, fp16: forced (fp16 is slow on most CPUs). "
+    "Changing it recomputes the embedding."
+)
 
 
 def _index_of(combo: QComboBox, value) -> int:
@@ -102,9 +110,14 @@ class SamWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.device_combo.setCurrentText(self.session.models.device)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(PRECISIONS)
+        self.precision_combo.setCurrentText(self.session.models.precision)
+        self.precision_combo.setToolTip(_PRECISION_TIP)
         form.addRow("Image", self.image_combo)
         form.addRow("Model", row)
         form.addRow("Device", self.device_combo)
+        form.addRow("Precision", self.precision_combo)
         return box
 
     def _build_prompts(self) -> QGroupBox:
@@ -179,6 +192,7 @@ class SamWidget(QWidget):
         self.model_combo.activated.connect(self._on_model_choice)
         self.load_button.clicked.connect(s.load_model_async)
         self.device_combo.activated.connect(self._on_device_choice)
+        self.precision_combo.activated.connect(self._on_precision_choice)
         self.sign_button.clicked.connect(lambda: (s.toggle_sign(), self._show_sign()))
         self.candidate_group.idClicked.connect(s.select_mask)
         self.next_mask_button.clicked.connect(lambda: s.cycle_mask(1))
@@ -256,6 +270,9 @@ class SamWidget(QWidget):
             self.session._error(f"Device not available: {exc}")
             self.device_combo.setCurrentText(self.session.models.device)
 
+    def _on_precision_choice(self, index: int) -> None:
+        self.session.set_precision(self.precision_combo.itemText(index))
+
     def _on_labels_choice(self, index: int) -> None:
         try:
             self.session.set_labels_layer(self.labels_combo.itemData(index))
@@ -274,6 +291,8 @@ class SamWidget(QWidget):
 
     def _on_model_event(self, event=None) -> None:
         self._fill_models()
+        self.device_combo.setCurrentText(self.session.models.device)
+        self.precision_combo.setCurrentText(self.session.models.precision)
 
     def _on_committed(self, event) -> None:
         self._refresh_layers()
