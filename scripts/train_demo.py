@@ -23,7 +23,14 @@ import torch
 from napari_sam.evaluation import evaluate
 from napari_sam.registry import build_model
 from napari_sam.synthetic import make_dataset
-from napari_sam.training import LossWeights, Recipe, TrainingRecord, finetune, save_checkpoint
+from napari_sam.training import (
+    LossWeights,
+    Recipe,
+    TrainingRecord,
+    finetune,
+    save_checkpoint,
+    tie_decoder_attention_,
+)
 
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2  # dataset seeds (disjoint images)
 
@@ -93,6 +100,8 @@ def main() -> None:
         f"data: {len(train)} train, {len(val)} val in {time.perf_counter() - t0:.0f} s", flush=True
     )
     model = build_model("demo", checkpoint=args.init)
+    if args.init is None:
+        tie_decoder_attention_(model)  # escapes the prompt-ignoring plateau (see its notes)
     recipe = Recipe(
         objects_per_image=args.objects,
         click_rounds=args.click_rounds,

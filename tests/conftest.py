@@ -25,3 +25,18 @@ def tiny_model():
 
     torch.manual_seed(0)
     return randomize_(build_model("tiny_vit_b"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The shipped ``demo`` model (trained on synthetic microscopy), eval mode.
+
+    Tests that check real segmentation behaviour use it; they skip only in a
+    build without the packaged checkpoint (``src/napari_sam/data/demo_sam.pt``).
+    """
+    from napari_sam.data import DEMO_CHECKPOINT
+    from napari_sam.registry import build_model
+
+    if not DEMO_CHECKPOINT.is_file():
+        pytest.skip("no demo checkpoint in this build: train it with scripts/train_demo.py")
+    return build_model("demo", checkpoint=DEMO_CHECKPOINT).eval()

@@ -208,6 +208,30 @@ def test_parity_default_settings_finds_masks(image, amg_model):
     assert len(generate_masks(ours_model, image, points_per_side=16)) >= 3
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"crop_n_layers": 1}, THRESHOLDS_AT_ZERO], ids=["default", "crops", "zero"]
+)
+def test_parity_with_reference_on_the_trained_demo_model(demo_model, kwargs):
+    """Real objects (the demo model on synthetic nuclei, a non-square crop)."""
+    from napari_sam.synthetic import demo_nuclei
+
+    sample = demo_nuclei()
+    image = np.repeat(sample.image[:300, :380, None], 3, axis=2)
+    ref = reference_for(demo_model)
+    kwargs = {"points_per_side": 16, **kwargs}
+    theirs = _reference_masks(ref, image, **kwargs)
+    ours = generate_masks(demo_model, image, **kwargs)
+    assert_same_masks(ours, theirs)
+    if not kwargs:  # the default settings keep real objects: most match a nucleus
+        truth = sample.labels[:300, :380]
+        assert len(ours) >= 5
+        best = [
+            max(_mask_iou(r.segmentation, truth == i) for i in np.unique(truth) if i)
+            for r in ours
+        ]
+        assert np.median(best) >= 0.7, best
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kernel", "kwargs"),

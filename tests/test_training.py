@@ -76,6 +76,23 @@ def test_a_few_steps_lower_the_loss(data, train_encoder):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_tied_decoder_attention_start():
+    from napari_sam.models.transformer import Attention
+    from napari_sam.training import tie_decoder_attention_
+
+    model = build_model("demo")
+    encoder_before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    assert tie_decoder_attention_(model) is model
+    attentions = [m for m in model.mask_decoder.transformer.modules() if isinstance(m, Attention)]
+    assert len(attentions) == 2 * 3 + 1  # two layers of three attentions, and the final one
+    for att in attentions:
+        assert torch.equal(att.k_proj.weight, att.q_proj.weight)
+        assert not att.q_proj.bias.any() and not att.k_proj.bias.any()
+        assert not torch.equal(att.v_proj.weight, att.q_proj.weight)
+    for key, value in model.image_encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key])
+
+
 def test_frozen_encoder_is_not_changed(data):
     model = build_model("tiny_vit_b")
     enc_before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}

@@ -145,6 +145,43 @@ class TrainingResult:
     seconds: float
 
 
+def tie_decoder_attention_(model: Sam) -> Sam:
+    """Initialise the mask decoder's attention with keys projected like queries.
+
+    For training a decoder from scratch: every attention of the two-way
+    transformer gets ``k_proj.weight = q_proj.weight`` and zero q/k biases,
+    so from the first step a prompt's positional encoding and the image's
+    positional encoding at nearby positions give large attention logits
+    (the random-Fourier encodings of close positions have a large dot
+    product). With independent random projections the model first learns a
+    prompt-independent "typical object" mask and stays there: in probes on
+    the synthetic data (decoder only, 1.9 M-parameter ``demo`` config) no
+    run left that plateau in 400 steps, while the tied start reached
+    one-click IoU 0.30 at step 200. Only the initial values change; the
+    weights train freely afterwards and the checkpoint layout is the
+    official one.
+
+    Parameters
+    ----------
+    model : Sam
+        Modified in place.
+
+    Returns
+    -------
+    Sam
+        ``model``.
+    """
+    from .models.transformer import Attention
+
+    with torch.no_grad():
+        for module in model.mask_decoder.transformer.modules():
+            if isinstance(module, Attention):
+                module.k_proj.weight.copy_(module.q_proj.weight)
+                module.q_proj.bias.zero_()
+                module.k_proj.bias.zero_()
+    return model
+
+
 def save_checkpoint(model: Sam, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write the model's weights in the official SAM layout, atomically.
 
