@@ -104,3 +104,26 @@ def test_forward_selected_computes_only_confident_prompts(tiny_model, multimask)
         features, pe, sparse, dense, multimask, iou_above=float(iou.max()) + 1
     )
     assert none.shape == (0, full.shape[1], *full.shape[2:]) and no_index.numel() == 0
+
+
+@pytest.mark.parametrize(("q_batch", "k_batch"), [(3, 3), (1, 3), (3, 1)])
+@torch.no_grad()
+def test_image_to_token_fold_matches_plain_attention(q_batch, k_batch):
+    """The few-keys path (values projected first, bias and residual fused) equals the plain
+    formula ``residual + out_proj(softmax(q k^T / sqrt(d)) v)`` for every batch layout."""
+    from napari_sam.models import transformer
+
+    torch.manual_seed(4)
+    attention = transformer.Attention(64, 8, downsample_rate=2)  # 8 heads x 3 keys < 32 inner
+    image = torch.randn(q_batch, 200, 64)
+    pe = torch.randn(1, 200, 64)
+    tokens = torch.randn(k_batch, 3, 64)
+    residual = torch.randn(q_batch, 200, 64)
+    got = attention(image, tokens, tokens, q_pe=pe, residual=residual)
+    q = attention.q_proj(image + pe).view(q_batch, 200, 8, 4).transpose(1, 2)
+    k = attention.k_proj(tokens).view(k_batch, 3, 8, 4).transpose(1, 2)
+    v = attention.v_proj(tokens).view(k_batch, 3, 8, 4).transpose(1, 2)
+    heads = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v  # d = 4
+    batch = max(q_batch, k_batch)
+    want = residual + attention.out_proj(heads.transpose(1, 2).reshape(batch, 200, 32))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -64,39 +64,160 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attend from ``q`` to ``k``/``v``.
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q_pe: torch.Tensor | None = None,
+        k_pe: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``q + q_pe`` to ``k + k_pe`` with values ``v``.
 
         Parameters
         ----------
         q : Tensor of shape (B or 1, Nq, C)
         k, v : Tensor of shape (B or 1, Nk, C)
             A batch of one is projected once and broadcast.
+        q_pe, k_pe : Tensor of shape (B or 1, Nq or Nk, C), optional
+            Positional encodings added to the queries and keys before their
+            projections. A batch-1 encoding of a batch of many image tokens
+            is projected once (the projection is linear) instead of added
+            to every prompt's copy.
+        residual : Tensor of shape (B or 1, Nq, C), optional
+            Added to the result (fused into the last matmul where possible).
 
         Returns
         -------
         Tensor of shape (B, Nq, C)
         """
-        qh = self._heads(self.q_proj(q))  # B x heads x Nq x d
-        kh = self._heads(self.k_proj(k))  # B x heads x Nk x d
-        vh = self._heads(self.v_proj(v))  # B x heads x Nk x d
-        n_q, n_k, d = qh.shape[2], kh.shape[2], qh.shape[3]
+        qp = _project(self.q_proj, q, q_pe)  # (B or 1) x Nq x inner
+        kp = _project(self.k_proj, k, k_pe)  # (B or 1) x Nk x inner
+        vp = self.v_proj(v)
+        n_q, n_k = qp.shape[1], kp.shape[1]
         if n_k < n_q and n_k <= _SMALL_SIDE:
-            # Image tokens attending to a few prompt tokens: keep the long axis
-            # contiguous, so the softmax (over the few keys) is vectorised.
-            logits_t = kh @ qh.transpose(-1, -2) / math.sqrt(d)  # B x heads x Nk x Nq
-            out = logits_t.softmax(dim=-2).transpose(-1, -2) @ vh  # B x heads x Nq x d
-        elif min(n_q, n_k) <= _SMALL_SIDE:
-            # Prompt tokens as queries: small logits, plain matmuls (the
-            # reference's arithmetic) beat the fused kernel's tiling.
-            logits = qh @ kh.transpose(-1, -2) / math.sqrt(d)  # B x heads x Nq x Nk
-            out = logits.softmax(dim=-1) @ vh  # B x heads x Nq x d (batch broadcast)
+            return self._few_keys(qp, kp, vp, residual)
+        if n_q < n_k and n_q <= _SMALL_SIDE:
+            out = self.out_proj(self._few_queries(qp, kp, vp))
         else:
-            batch = max(qh.shape[0], kh.shape[0], vh.shape[0])
-            qh, kh, vh = (t.expand(batch, -1, -1, -1) for t in (qh, kh, vh))
-            out = F.scaled_dot_product_attention(qh, kh, vh)  # B x heads x Nq x d
-        b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+            qh, kh, vh = self._heads(qp), self._heads(kp), self._heads(vp)  # B x heads x N x d
+            if min(n_q, n_k) <= _SMALL_SIDE:
+                # Token self-attention (few queries, few keys): plain matmuls (the
+                # reference's arithmetic) beat the fused kernel's tiling.
+                logits = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[3])  # B x h x Nq x Nk
+                heads_out = logits.softmax(dim=-1) @ vh  # B x heads x Nq x d
+            else:
+                batch = max(qh.shape[0], kh.shape[0], vh.shape[0])
+                qh, kh, vh = (t.expand(batch, -1, -1, -1) for t in (qh, kh, vh))
+                heads_out = F.scaled_dot_product_attention(qh, kh, vh)  # B x heads x Nq x d
+            b, _, n, _ = heads_out.shape
+            out = self.out_proj(heads_out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return out if residual is None else residual + out
+
+    def _few_queries(self, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
+        """Attention of a few query tokens over many keys, one head at a time.
+
+        Each head reads its columns of the projected keys and values in place
+        (a strided matrix is a valid matmul operand), so the large key and
+        value tensors are never copied into a heads-first layout, and keys
+        shared by every prompt (batch 1) are never expanded to the batch.
+
+        Parameters
+        ----------
+        qp : Tensor of shape (B, Nq, inner)
+        kp, vp : Tensor of shape (B or 1, Nk, inner)
+
+        Returns
+        -------
+        Tensor of shape (B, Nq, inner)
+            Head outputs side by side, before ``out_proj``.
+        """
+        batch, n_q, inner = qp.shape
+        n_k = kp.shape[1]
+        d = inner // self.num_heads
+        shared = kp.shape[0] == 1 and vp.shape[0] == 1
+        out = qp.new_empty(batch, n_q, inner)
+        for head in range(self.num_heads):
+            cols = slice(head * d, (head + 1) * d)
+            qh, kh, vh = qp[..., cols], kp[..., cols], vp[..., cols]
+            if shared:  # fold the batch into the rows: one matmul against the shared keys
+                logits = (qh.reshape(batch * n_q, d) @ kh[0].T).view(batch, n_q, n_k)
+                probs = (logits / math.sqrt(d)).softmax(dim=-1)
+                out[..., cols] = (probs.view(batch * n_q, n_k) @ vh[0]).view(batch, n_q, d)
+            else:
+                logits = qh @ kh.transpose(1, 2)  # B x Nq x Nk
+                probs = (logits / math.sqrt(d)).softmax(dim=-1)
+                out[..., cols] = probs @ vh.expand(batch, -1, -1)
+        return out
+
+    def _few_keys(
+        self,
+        qp: torch.Tensor,
+        kp: torch.Tensor,
+        vp: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Many query tokens (the image) attending to a few keys (the prompt tokens).
+
+        Logits are laid out keys-first (``B x heads x Nk x Nq``), so the long
+        axis stays contiguous and the softmax over the few keys is
+        vectorised; each head reads its columns of the projected queries in
+        place. With ``heads * Nk`` below the internal width, ``out_proj`` is
+        folded into the values (each head's ``Nk`` values projected to ``C``
+        first), which costs ``Nq * heads * Nk * C`` multiply-adds instead of
+        ``Nq * inner * C`` (SAM's decoder: 8 heads, 7 tokens, 128 internal:
+        2.3x fewer), and the bias and the residual ride on that matmul.
+        The same sums in another order: equal up to float rounding.
+
+        Parameters
+        ----------
+        qp : Tensor of shape (B or 1, Nq, inner)
+        kp, vp : Tensor of shape (B, Nk, inner)
+        residual : Tensor of shape (B or 1, Nq, C), optional
+
+        Returns
+        -------
+        Tensor of shape (B, Nq, C)
+        """
+        _, n_k, inner = kp.shape
+        batch = max(qp.shape[0], kp.shape[0], vp.shape[0])
+        n_q, heads = qp.shape[1], self.num_heads
+        d = inner // heads
+        logits = []
+        for head in range(heads):
+            cols = slice(head * d, (head + 1) * d)
+            qh, kh = qp[..., cols], kp[..., cols]
+            if qp.shape[0] == 1 and kp.shape[0] == batch:  # shared image side: batch into rows
+                logits.append((kh.reshape(batch * n_k, d) @ qh[0].T).view(batch, n_k, n_q))
+            else:
+                logits.append(torch.matmul(kh, qh.transpose(1, 2)).expand(batch, -1, -1))
+        probs_t = (torch.stack(logits, dim=1) / math.sqrt(d)).softmax(dim=2)  # B x h x Nk x Nq
+        if heads * n_k >= inner:
+            heads_out = probs_t.transpose(-1, -2) @ self._heads(vp)  # B x heads x Nq x d
+            out = self.out_proj(heads_out.transpose(1, 2).reshape(batch, n_q, inner))
+            return out if residual is None else residual + out
+        weight = self.out_proj.weight.view(-1, heads, d)  # C x heads x d
+        projected = torch.einsum("bkhd,chd->bhkc", vp.view(vp.shape[0], n_k, heads, d), weight)
+        # Each head's probabilities sum to 1 over its keys: bias / heads on
+        # every projected value adds the bias once to every output.
+        projected = projected + self.out_proj.bias / heads
+        projected = projected.expand(batch, -1, -1, -1).flatten(1, 2)  # B x h Nk x C
+        mix = probs_t.flatten(1, 2).transpose(1, 2)  # B x Nq x h Nk
+        if residual is None:
+            return torch.bmm(mix, projected)
+        return torch.baddbmm(residual.expand(batch, -1, -1), mix, projected)
+
+
+def _project(linear: nn.Linear, x: torch.Tensor, pe: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x + pe)``; a batch-1 ``pe`` of many tokens is projected once and added after."""
+    if pe is None:
+        return linear(x)
+    if pe.shape[0] == x.shape[0] or x.shape[1] <= _SMALL_SIDE:
+        return linear(x + pe)
+    shared = F.linear(pe, linear.weight, linear.bias)  # 1 x N x inner: once, not per prompt
+    return torch.matmul(x, linear.weight.T).add_(shared)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -172,15 +293,15 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
+        # Image tokens are many: their positional encoding goes in as k_pe /
+        # q_pe (projected once when shared), never added to every prompt's copy.
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, keys, keys, k_pe=key_pe))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        # k is unchanged: keys were not updated since it was formed.
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
-        return queries, keys
+        update = self.cross_attn_image_to_token(keys, q, queries, q_pe=key_pe, residual=keys)
+        return queries, self.norm4(update)
 
 
 class TwoWayTransformer(nn.Module):
@@ -264,6 +385,5 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
 
         q = queries + point_embedding
-        k = keys + key_pe
-        queries = queries + self.final_attn_token_to_image(q, k, keys)
+        queries = queries + self.final_attn_token_to_image(q, keys, keys, k_pe=key_pe)
         return self.norm_final_attn(queries), keys
