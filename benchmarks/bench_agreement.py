@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--max-objects", type=int, default=10, help="prompted objects per image")
     parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     sys.path[:0] = [str(ROOT), str(ROOT / "src")]
@@ -113,7 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         boxes += ious["box"]
         found = []
         for emb in (exact, fast):
-            records = generate_masks(model, emb, points_per_side=args.points_per_side)
+            records = generate_masks(
+                model,
+                emb,
+                points_per_side=args.points_per_side,
+                pred_iou_thresh=args.pred_iou_thresh,
+                stability_score_thresh=args.stability_score_thresh,
+            )
             found.append([r.segmentation for r in records])
         exact_in_auto.append(matched_count(found[0], found[1]))
         auto_in_exact.append(matched_count(found[1], found[0]))
@@ -140,7 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
         # pooled over images: objects of one side with a partner at IoU >= 0.9
         "automatic_exact_matched_in_auto": sum(exact_in_auto) / max(n_exact, 1),
         "automatic_auto_matched_in_exact": sum(auto_in_exact) / max(n_auto, 1),
-        "automatic_settings": f"defaults, {args.points_per_side} x {args.points_per_side} grid",
+        "automatic_settings": (
+            f"{args.points_per_side} x {args.points_per_side} grid, pred_iou_thresh "
+            f"{args.pred_iou_thresh}, stability_score_thresh {args.stability_score_thresh}"
+        ),
     }
     out = args.out or HERE / "results" / f"agreement_{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
