@@ -226,8 +226,7 @@ def test_parity_with_reference_on_the_trained_demo_model(demo_model, kwargs):
         truth = sample.labels[:300, :380]
         assert len(ours) >= 5
         best = [
-            max(_mask_iou(r.segmentation, truth == i) for i in np.unique(truth) if i)
-            for r in ours
+            max(_mask_iou(r.segmentation, truth == i) for i in np.unique(truth) if i) for r in ours
         ]
         assert np.median(best) >= 0.7, best
 
@@ -309,9 +308,8 @@ def test_precision_reaches_encoder_and_decoder(image, amg_model, monkeypatch):
     assert half.precision == "bf16"
     records = generate_masks(amg_model, half, **kwargs)  # the decoder follows the embedding
     assert len(records) == len(exact)
-    assert (
-        np.mean([_mask_iou(a.segmentation, b.segmentation) for a, b in zip(records, exact)]) > 0.8
-    )
+    ious = [_mask_iou(a.segmentation, b.segmentation) for a, b in zip(records, exact, strict=True)]
+    assert np.mean(ious) > 0.8
     with pytest.raises(ValueError, match="precision must be one of"):
         generate_masks(amg_model, image, precision="double", **kwargs)
 

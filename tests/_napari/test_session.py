@@ -261,3 +261,31 @@ def test_script_loop_over_a_stack(session):
     data = session.labels_layer.data
     for z in range(3):
         assert set(np.unique(data[z])) == {0, z + 1}
+
+
+def test_demo_model_clicks_commit_real_nuclei(viewer, demo_model):
+    """Curation with the trained demo model: one click per nucleus, committed with new ids."""
+    from scipy import ndimage as ndi
+
+    from napari_sam.synthetic import demo_nuclei
+
+    sample = demo_nuclei()
+    image = viewer.add_image(sample.image, name="nuclei")
+    sam = SamSession(viewer, threaded=False)
+    sam.set_model(demo_model)
+    sam.set_image(image)
+    truth = sample.labels
+    ids, areas = np.unique(truth[truth > 0], return_counts=True)
+    chosen = ids[np.argsort(areas)[::-1][:5]]  # the five largest nuclei
+    for number, obj in enumerate(chosen, start=1):
+        dist = ndi.distance_transform_edt(truth == obj)
+        row, col = np.unravel_index(np.argmax(dist), dist.shape)
+        points = sam.points_layer
+        points.add(points.world_to_data(image.data_to_world([row, col])))
+        assert sam.commit().label_ids == (number,)
+    labels = sam.labels_layer.data
+    for number, obj in enumerate(chosen, start=1):
+        got, want = labels == number, truth == obj
+        iou = (got & want).sum() / (got | want).sum()
+        assert iou >= 0.75, (number, iou)
+    assert set(np.unique(labels)) == set(range(len(chosen) + 1))  # nothing else painted
