@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._rle import RunLengthMask
-from .labels import dtype_for
+from .labels import paint_largest_first
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,16 +111,14 @@ def records_to_labels(
     for i, record in enumerate(records):
         if record.shape_hw != shape:
             raise ValueError(f"records[{i}] has shape {record.shape_hw}, expected {shape}")
-    out = np.zeros(shape, dtype=dtype_for(np.dtype(dtype), start_id + len(records) - 1))
-    areas = np.array([r.area for r in records])
-    for i in np.argsort(-areas, kind="stable"):
-        out[records[i].segmentation] = start_id + i
-    if min_area > 0:
-        ids, counts = np.unique(out[out > 0], return_counts=True)
-        small = ids[counts < min_area]
-        if small.size:
-            out[np.isin(out, small)] = 0
-    return out
+    return paint_largest_first(
+        shape,
+        [r.area for r in records],
+        lambda i: records[i].segmentation,
+        min_area=min_area,
+        start_id=start_id,
+        dtype=dtype,
+    )
 
 
 def _json_float(value: float) -> float | None:

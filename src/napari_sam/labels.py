@@ -11,7 +11,7 @@ The rules every writer of labels follows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -141,10 +141,46 @@ def masks_to_labels(
     for i, m in enumerate(masks):
         if m.shape != shape:
             raise ValueError(f"mask {i} has shape {m.shape}, expected {shape}")
-    out = np.zeros(shape, dtype=dtype_for(np.dtype(dtype), start_id + len(masks) - 1))
-    areas = np.array([int(m.sum()) for m in masks])
-    for i in np.argsort(-areas, kind="stable"):
-        out[masks[i]] = start_id + i
+    areas = [int(m.sum()) for m in masks]
+    return paint_largest_first(
+        shape, areas, masks.__getitem__, min_area=min_area, start_id=start_id, dtype=dtype
+    )
+
+
+def paint_largest_first(
+    shape_hw: tuple[int, ...],
+    areas: Sequence[int],
+    mask_of: Callable[[int], np.ndarray],
+    *,
+    min_area: int = 0,
+    start_id: int = 1,
+    dtype: np.dtype | type = np.uint32,
+) -> np.ndarray:
+    """Paint objects into a label image: larger first, smaller on top.
+
+    The overlap rule of :func:`masks_to_labels` for any source of masks:
+    ``mask_of(i)`` is asked for one mask at a time (so masks stored
+    compactly are decoded one by one), in descending ``areas[i]`` (ties in
+    input order), and painted with id ``start_id + i``.
+
+    Parameters
+    ----------
+    shape_hw : tuple of int
+        Output shape.
+    areas : sequence of int
+        Pixel count of each object.
+    mask_of : callable ``(i) -> ndarray of shape shape_hw, bool``
+    min_area, start_id, dtype
+        As in :func:`masks_to_labels` (objects with fewer visible pixels than
+        ``min_area`` are removed after painting).
+
+    Returns
+    -------
+    ndarray of shape ``shape_hw``, 0 for background
+    """
+    out = np.zeros(shape_hw, dtype=dtype_for(np.dtype(dtype), start_id + len(areas) - 1))
+    for i in np.argsort(-np.asarray(areas), kind="stable"):
+        out[mask_of(int(i))] = start_id + i
     if min_area > 0:
         ids, counts = np.unique(out[out > 0], return_counts=True)
         small = ids[counts < min_area]
