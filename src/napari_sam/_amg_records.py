@@ -103,18 +103,12 @@ def records_to_labels(
     ndarray of shape (H, W)
         0 is background.
     """
-    if not records:
-        if shape_hw is None:
-            raise ValueError("shape_hw is required when records is empty")
-        return np.zeros(shape_hw, dtype=dtype)
-    shape = records[0].shape_hw
-    for i, record in enumerate(records):
-        if record.shape_hw != shape:
-            raise ValueError(f"records[{i}] has shape {record.shape_hw}, expected {shape}")
     return paint_largest_first(
-        shape,
+        [r.shape_hw for r in records],
         [r.area for r in records],
         lambda i: records[i].segmentation,
+        name="records",
+        shape_hw=shape_hw,
         min_area=min_area,
         start_id=start_id,
         dtype=dtype,

@@ -133,25 +133,25 @@ def masks_to_labels(
         0 is background.
     """
     masks = [np.asarray(m, dtype=bool) for m in masks]
-    if not masks:
-        if shape_hw is None:
-            raise ValueError("shape_hw is required when masks is empty")
-        return np.zeros(shape_hw, dtype=dtype)
-    shape = masks[0].shape
-    for i, m in enumerate(masks):
-        if m.shape != shape:
-            raise ValueError(f"mask {i} has shape {m.shape}, expected {shape}")
-    areas = [int(m.sum()) for m in masks]
     return paint_largest_first(
-        shape, areas, masks.__getitem__, min_area=min_area, start_id=start_id, dtype=dtype
+        [m.shape for m in masks],
+        [int(m.sum()) for m in masks],
+        masks.__getitem__,
+        name="masks",
+        shape_hw=shape_hw,
+        min_area=min_area,
+        start_id=start_id,
+        dtype=dtype,
     )
 
 
 def paint_largest_first(
-    shape_hw: tuple[int, ...],
+    shapes: Sequence[tuple[int, ...]],
     areas: Sequence[int],
     mask_of: Callable[[int], np.ndarray],
     *,
+    name: str,
+    shape_hw: tuple[int, ...] | None = None,
     min_area: int = 0,
     start_id: int = 1,
     dtype: np.dtype | type = np.uint32,
@@ -165,20 +165,36 @@ def paint_largest_first(
 
     Parameters
     ----------
-    shape_hw : tuple of int
-        Output shape.
+    shapes : sequence of tuple of int
+        Shape of each object's mask; all must agree.
     areas : sequence of int
         Pixel count of each object.
-    mask_of : callable ``(i) -> ndarray of shape shape_hw, bool``
-    min_area, start_id, dtype
-        As in :func:`masks_to_labels` (objects with fewer visible pixels than
+    mask_of : callable ``(i) -> ndarray of shape shapes[i], bool``
+    name : str
+        The caller's parameter holding the objects, for error messages.
+    shape_hw, min_area, start_id, dtype
+        As in :func:`masks_to_labels` (``shape_hw`` is required only when
+        there are no objects; objects with fewer visible pixels than
         ``min_area`` are removed after painting).
 
     Returns
     -------
-    ndarray of shape ``shape_hw``, 0 for background
+    ndarray, 0 for background
+
+    Raises
+    ------
+    ValueError
+        With no objects and no ``shape_hw``, or for objects of different shapes.
     """
-    out = np.zeros(shape_hw, dtype=dtype_for(np.dtype(dtype), start_id + len(areas) - 1))
+    if not shapes:
+        if shape_hw is None:
+            raise ValueError(f"shape_hw is required when {name} is empty")
+        return np.zeros(shape_hw, dtype=dtype)
+    shape = shapes[0]
+    for i, other in enumerate(shapes):
+        if other != shape:
+            raise ValueError(f"{name}[{i}] has shape {other}, expected {shape}")
+    out = np.zeros(shape, dtype=dtype_for(np.dtype(dtype), start_id + len(areas) - 1))
     for i in np.argsort(-np.asarray(areas), kind="stable"):
         out[mask_of(int(i))] = start_id + i
     if min_area > 0:
