@@ -187,7 +187,7 @@ def test_widget_cancel_writes_no_checkpoint(make_napari_viewer, tiny_model, qtbo
     widget.name_edit.setText("never")
     path = tmp_path / "never.pt"
     widget.path_edit.setText(str(path))
-    widget._relay.progress.connect(lambda done, total: widget.cancel())  # on the first step
+    widget._relay.changed.connect(lambda done, total: widget.cancel())  # on the first step
     assert widget.train()
     _wait(widget, qtbot)
     assert widget.result.cancelled and widget.result.steps_done < 100

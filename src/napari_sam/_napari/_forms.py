@@ -1,10 +1,20 @@
-"""Small builders of Qt form layouts for the dock widgets."""
+"""Small Qt building blocks shared by the dock widgets: form layouts, a progress relay."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QFormLayout, QGroupBox, QHBoxLayout, QLayout, QSpinBox, QWidget
+
+
+class ProgressRelay(QObject):
+    """Carries ``progress(done, total)`` calls from a worker thread to the main thread.
+
+    Emit ``changed`` from the worker; slots connected on the main thread run there.
+    """
+
+    changed = Signal(int, int)
 
 
 def form_row(*widgets: QWidget) -> QHBoxLayout:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 
 from napari.layers import Image, Labels
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -30,6 +29,7 @@ from qtpy.QtWidgets import (
 
 from napari_sam.automatic import PRESETS, AutomaticSettings, Cancelled
 
+from ._forms import ProgressRelay
 from .automatic_run import AutomaticResult, AutomaticSegmentation, stack_planes
 from .layers import view_plane
 from .models import describe_source, model_entries
@@ -51,12 +51,6 @@ PARAMETERS: dict[str, tuple[str, int, float, float, str]] = {
 }
 
 
-class _Relay(QObject):
-    """Carries ``progress(done, total)`` calls from the worker thread to the main thread."""
-
-    changed = Signal(int, int)
-
-
 class AutomaticWidget(QWidget):
     """Dock widget: image, shared model, parameters and presets, run, curate, accept.
 
@@ -74,7 +68,7 @@ class AutomaticWidget(QWidget):
         self.worker = None
         self._preset = PRESETS["SAM defaults"]
         self._cancel = threading.Event()
-        self._relay = _Relay()
+        self._relay = ProgressRelay()
         self._relay.changed.connect(self._on_progress)
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_setup())

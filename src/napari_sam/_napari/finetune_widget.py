@@ -18,7 +18,7 @@ from pathlib import Path
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -49,7 +49,7 @@ from ._finetune_job import (
     prepare_torch,
     train_in_session,
 )
-from ._forms import form_group, form_row, spin_box
+from ._forms import ProgressRelay, form_group, form_row, spin_box
 from ._loss_plot import LossPlot
 from .session import SamSession
 from .widget import SamWidget, _connect_while_alive
@@ -57,10 +57,9 @@ from .widget import SamWidget, _connect_while_alive
 _ERRORS = (CheckpointError, ValueError, TypeError, RuntimeError, OSError)
 
 
-class _Relay(QObject):
-    """Carries ``progress(done, total)`` and ``log(record)`` from the worker to the main thread."""
+class _Relay(ProgressRelay):
+    """Also carries ``log(record)`` from the worker to the main thread."""
 
-    progress = Signal(int, int)
     record = Signal(object)
 
 
@@ -85,7 +84,7 @@ class FinetuneWidget(QWidget):
         self._cancel = threading.Event()
         self._auto_name = ""
         self._relay = _Relay()
-        self._relay.progress.connect(self._on_progress)
+        self._relay.changed.connect(self._on_progress)
         self._relay.record.connect(self._on_record)
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_data())
@@ -242,7 +241,7 @@ class FinetuneWidget(QWidget):
         n = len(request.train)
         self._say(f"Fine-tuning {self.session.models.name} on {n} slice(s)…")
         callbacks = {
-            "progress": self._relay.progress.emit,
+            "progress": self._relay.changed.emit,
             "cancel": self._cancel,
             "log": self._relay.record.emit,
         }

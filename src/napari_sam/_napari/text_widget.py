@@ -15,7 +15,7 @@ import threading
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -40,6 +40,7 @@ from napari_sam.text import AutomaticMaskCache
 from napari_sam.weights import CheckpointError
 
 from . import _workers
+from ._forms import ProgressRelay
 from ._text_job import (
     CLIP_CHOICES,
     ClipSlot,
@@ -59,12 +60,6 @@ _FOLDER_ITEM = "open_clip folder…"
 _NEW_LABELS = "New layer (on accept)"
 _COLUMNS = ("id", "text", "score", "area")
 _ERRORS = (CheckpointError, ImportError, ValueError, TypeError, RuntimeError, OSError)
-
-
-class _Relay(QObject):
-    """Carries ``progress(done, total)`` from the worker thread to the main thread."""
-
-    changed = Signal(int, int)
 
 
 class TextPromptWidget(QWidget):
@@ -90,7 +85,7 @@ class TextPromptWidget(QWidget):
         self._cancel = threading.Event()
         self._generation = 0
         self._image: Image | None = None
-        self._relay = _Relay()
+        self._relay = ProgressRelay()
         self._relay.changed.connect(self._on_progress)
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_inputs())
