@@ -19,6 +19,9 @@ embedding's precision unless told otherwise. :class:`Predictor` defaults to
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +37,7 @@ from .image import (
     prepare_image,
     to_model_input,
 )
+from .models._shared_image import SharedImageWork
 from .precision import cached_for, cast_module, compiled_module, resolve_precision
 from .prompts import validate_prompts
 
@@ -46,6 +50,32 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- #
 # Torch-level functions (reused by automatic.py)
 # --------------------------------------------------------------------------- #
+# Per-image products of the factored mask decoder (models/_shared_image.py),
+# for the most recently decoded embeddings: about 10 image embeddings' worth
+# of memory each, so only a couple are kept (a session's other cached
+# embeddings pay them again, once, on their next click).
+_IMAGE_WORK_SLOTS = 2
+_IMAGE_WORK: OrderedDict[tuple[int, torch.dtype], tuple[weakref.ref, SharedImageWork]] = (
+    OrderedDict()
+)
+_IMAGE_WORK_LOCK = threading.Lock()
+
+
+def _image_work(features: torch.Tensor, dtype: torch.dtype) -> SharedImageWork:
+    """The decoder's shared products for ``features`` decoded in ``dtype`` (LRU of a few)."""
+    key = (id(features), dtype)
+    with _IMAGE_WORK_LOCK:
+        hit = _IMAGE_WORK.get(key)
+        if hit is not None and hit[0]() is features:
+            _IMAGE_WORK.move_to_end(key)
+            return hit[1]
+        work = SharedImageWork()
+        _IMAGE_WORK[key] = (weakref.ref(features), work)
+        while len(_IMAGE_WORK) > _IMAGE_WORK_SLOTS:
+            _IMAGE_WORK.popitem(last=False)
+        return work
+
+
 def encode_image(
     model: Sam,
     image: np.ndarray,
@@ -177,6 +207,7 @@ def decode_low_res(
     features = embedding.features
     dtype = features.dtype if precision is None else resolve_precision(precision, device)
     decoder = cast_module(model.mask_decoder, dtype)
+    work = _image_work(features, dtype)
     features = features.to(device, dtype)
     if mask_input is not None:
         mask_input = mask_input.to(device, torch.float32)
@@ -191,7 +222,9 @@ def decode_low_res(
         )
         args = (features, image_pe, sparse.to(dtype), _cast_broadcast(dense, dtype), multimask)
         if hasattr(decoder, "forward_selected"):
-            logits, iou_scores, index = decoder.forward_selected(*args, iou_above=iou_above)
+            logits, iou_scores, index = decoder.forward_selected(
+                *args, iou_above=iou_above, image_work=work
+            )
         else:  # a decoder with only the reference's signature: select afterwards
             logits, iou_scores = decoder(*args)
             index = None

@@ -86,14 +86,14 @@ def test_forward_selected_computes_only_confident_prompts(tiny_model, multimask)
     full, iou = decoder(features, pe, sparse, dense, multimask)
     threshold = float(iou.max(dim=1).values.median())  # about half the prompts pass
     calls = []
-    real_upscale = decoder._upscale
-    decoder._upscale = lambda keys: calls.append(keys.shape[0]) or real_upscale(keys)
+    real_upscale = decoder._upscale_rest
+    decoder._upscale_rest = lambda x: calls.append(x.shape[0]) or real_upscale(x)
     try:
         masks, iou_sel, index = decoder.forward_selected(
             features, pe, sparse, dense, multimask, iou_above=threshold
         )
     finally:
-        del decoder._upscale
+        del decoder._upscale_rest
     expected = torch.nonzero((iou > threshold).any(dim=1)).flatten()
     assert 0 < len(expected) < 6
     torch.testing.assert_close(index, expected)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._shared_image import SharedImageWork, can_factor, factored_transformer, work_token
 from .common import MLP, LayerNorm2d
 
 __all__ = ["MaskDecoder"]
@@ -141,7 +142,10 @@ class MaskDecoder(nn.Module):
         return masks, iou_pred
 
     def forward_selected(
-        self, *inputs: torch.Tensor | bool, iou_above: float | None = None
+        self,
+        *inputs: torch.Tensor | bool,
+        iou_above: float | None = None,
+        image_work: SharedImageWork | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`forward`, with mask logits only for prompts that have a confident mask.
 
@@ -159,6 +163,12 @@ class MaskDecoder(nn.Module):
             ``dense_prompt_embeddings``, ``multimask_output``.
         iou_above : float, optional
             Threshold on the predicted IoU; None computes every prompt's masks.
+        image_work : SharedImageWork, optional
+            Per-image products of the factored transformer
+            (``models/_shared_image.py``), kept by a caller that decodes
+            several batches against the same ``image_embeddings`` (it must
+            hold one per embedding and dtype). Without it they are computed
+            per call, and only for batches of more than one prompt.
 
         Returns
         -------
@@ -181,32 +191,74 @@ class MaskDecoder(nn.Module):
             [output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )  # B x (T + K) x C
         shared = dense.shape[0] == 1 or dense.stride(0) == 0
+        first = 1 if multimask_output else 0
+        count = self.num_multimask_outputs if multimask_output else 1
+        chosen = range(first, first + count)
         if self.share_image_work and shared and image_embeddings.shape[0] == 1:
             src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
+            factor = can_factor(self.transformer, tokens.shape[1])
+            if factor and (image_work is not None or batch > 1):
+                work = SharedImageWork() if image_work is None else image_work
+                work.check(work_token(self, (image_embeddings, dense[:1], image_pe)))
+                hs, fkeys = factored_transformer(self.transformer, src, image_pe, tokens, work)
+                iou_pred = self.iou_prediction_head(hs[:, 0])[:, chosen]  # B x M
+                index = self._confident(iou_pred, iou_above)
+                if index is not None:
+                    hs, fkeys = hs[index], fkeys.select(index)
+                if hs.shape[0] == 0:
+                    return hs.new_zeros(0, count, *(4 * n for n in src.shape[-2:])), iou_pred, index
+                up1 = self._up1_weights()
+                first_up = fkeys.project(*up1, "up1")  # S x hw x 4 C/4
+                masks = self._masks(hs, first_up, src.shape[-2:], chosen)
+                return masks, iou_pred, index
         else:
             src = (image_embeddings + dense).expand(batch, -1, -1, -1)  # B x C x h x w
         hw = src.shape[-2:]
 
         hs, keys = self.transformer(src, image_pe, tokens)  # B x (T+K) x C, (1|B) x hw x C
         keys = keys.expand(batch, -1, -1)
-        first = 1 if multimask_output else 0
-        count = self.num_multimask_outputs if multimask_output else 1
-        iou_pred = self.iou_prediction_head(hs[:, 0])[:, first : first + count]  # B x M
-        index = None
-        if iou_above is not None:
-            index = torch.nonzero((iou_pred > iou_above).any(dim=1)).flatten()
+        iou_pred = self.iou_prediction_head(hs[:, 0])[:, chosen]  # B x M
+        index = self._confident(iou_pred, iou_above)
+        if index is not None:
             hs, keys = hs[index], keys[index]
-        masks = self._masks(hs, keys, hw, range(first, first + count))
+        if hs.shape[0] == 0:
+            return hs.new_zeros(0, count, *(4 * n for n in hw)), iou_pred, index
+        first_up = _stride2_transposed_conv(keys, self.output_upscaling[0])  # S x hw x 4 x C/4
+        masks = self._masks(hs, first_up, hw, chosen)
         return masks, iou_pred, index
 
+    @staticmethod
+    def _confident(iou_pred: torch.Tensor, iou_above: float | None) -> torch.Tensor | None:
+        """Prompts with a mask above ``iou_above`` (None: no selection)."""
+        if iou_above is None:
+            return None
+        return torch.nonzero((iou_pred > iou_above).any(dim=1)).flatten()
+
+    def _up1_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first transposed convolution as a linear map: ``(4 C/4) x C`` weight and bias."""
+        conv = self.output_upscaling[0]
+        c_in, c_out = conv.weight.shape[:2]
+        weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)  # (a, c, out) x in
+        return weight, conv.bias.repeat(4)
+
     def _masks(
-        self, hs: torch.Tensor, keys: torch.Tensor, hw: tuple[int, int], chosen: range
+        self, hs: torch.Tensor, first_up: torch.Tensor, hw: tuple[int, int], chosen: range
     ) -> torch.Tensor:
-        """Mask logits ``S x M x 4h x 4w`` from output tokens ``hs`` and image tokens ``keys``."""
+        """Mask logits ``S x M x 4h x 4w`` from output tokens and the first upscaling.
+
+        Parameters
+        ----------
+        hs : Tensor of shape (S, T, C)
+            Output tokens of the transformer.
+        first_up : Tensor of shape (S, h * w, 4 * C / 4)
+            The first transposed convolution of the image tokens (before its
+            norm), as :func:`_stride2_transposed_conv` lays it out.
+        hw : (int, int)
+        chosen : range
+            Mask tokens to decode.
+        """
         batch, (h, w), count = hs.shape[0], hw, len(chosen)
-        if batch == 0:
-            return hs.new_zeros(0, count, 4 * h, 4 * w)
-        upscaled = self._upscale(keys)  # S x (hw * 16) x C/8, sub-pixel order
+        upscaled = self._upscale_rest(first_up)  # S x (hw * 16) x C/8, sub-pixel order
         hyper = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1
         )  # S x M x C/8
@@ -215,13 +267,13 @@ class MaskDecoder(nn.Module):
         masks = masks.view(batch, h, w, 2, 2, 2, 2, count).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(batch, count, 4 * h, 4 * w)
 
-    def _upscale(self, keys: torch.Tensor) -> torch.Tensor:
-        """``output_upscaling`` on channels-last tokens, as matmuls.
+    def _upscale_rest(self, first_up: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` after its first convolution, on channels-last tokens.
 
         Parameters
         ----------
-        keys : Tensor of shape (B, h * w, C)
-            Image tokens from the transformer, row-major.
+        first_up : Tensor of shape (B, h * w, 4 * C / 4) or (B, h * w, 4, C / 4)
+            The first transposed convolution's output.
 
         Returns
         -------
@@ -229,8 +281,8 @@ class MaskDecoder(nn.Module):
             Upscaled features; pixel ``(4i + 2a1 + a2, 4j + 2c1 + c2)`` sits at
             index ``(((i * w + j) * 2 + a1) * 2 + c1) * 4 + a2 * 2 + c2``.
         """
-        up1, norm, act1, up2, act2 = self.output_upscaling
-        x = _stride2_transposed_conv(keys, up1)  # B x hw x 4 x C/4
+        _, norm, act1, up2, act2 = self.output_upscaling
+        x = first_up.unflatten(-1, (4, -1)) if first_up.ndim == 3 else first_up
         x = act1(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
         x = _stride2_transposed_conv(x.flatten(1, 2), up2)  # B x 4hw x 4 x C/8
         return act2(x).flatten(1, 2)

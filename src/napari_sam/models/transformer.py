@@ -117,12 +117,14 @@ class Attention(nn.Module):
         return out if residual is None else residual + out
 
     def _few_queries(self, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
-        """Attention of a few query tokens over many keys, one head at a time.
+        """Attention of a few query tokens over many keys.
 
-        Each head reads its columns of the projected keys and values in place
-        (a strided matrix is a valid matmul operand), so the large key and
-        value tensors are never copied into a heads-first layout, and keys
-        shared by every prompt (batch 1) are never expanded to the batch.
+        Keys shared by every prompt (batch 1) are read in place one head at a
+        time (a strided matrix is a valid matmul operand) and never expanded
+        to the batch. Per-prompt keys and values are copied heads-first once
+        and every head and prompt goes through one batched matmul: the
+        per-head matmuls of a few rows each cost more in call overhead and
+        operand copies (half precision) than that copy.
 
         Parameters
         ----------
@@ -138,18 +140,19 @@ class Attention(nn.Module):
         n_k = kp.shape[1]
         d = inner // self.num_heads
         shared = kp.shape[0] == 1 and vp.shape[0] == 1
+        if not shared:  # per-prompt keys: heads-first copies (a few) and one matmul per step
+            qh = qp.view(batch, n_q, self.num_heads, d).transpose(1, 2)  # B x h x Nq x d
+            kh = kp.view(kp.shape[0], n_k, self.num_heads, d).permute(0, 2, 3, 1)  # B x h x d x Nk
+            vh = vp.view(vp.shape[0], n_k, self.num_heads, d).transpose(1, 2)  # B x h x Nk x d
+            probs = (torch.matmul(qh, kh) / math.sqrt(d)).softmax(dim=-1)  # B x h x Nq x Nk
+            return torch.matmul(probs, vh).transpose(1, 2).reshape(batch, n_q, inner)
         out = qp.new_empty(batch, n_q, inner)
-        for head in range(self.num_heads):
+        for head in range(self.num_heads):  # fold the batch into the rows: one matmul a head
             cols = slice(head * d, (head + 1) * d)
-            qh, kh, vh = qp[..., cols], kp[..., cols], vp[..., cols]
-            if shared:  # fold the batch into the rows: one matmul against the shared keys
-                logits = (qh.reshape(batch * n_q, d) @ kh[0].T).view(batch, n_q, n_k)
-                probs = (logits / math.sqrt(d)).softmax(dim=-1)
-                out[..., cols] = (probs.view(batch * n_q, n_k) @ vh[0]).view(batch, n_q, d)
-            else:
-                logits = qh @ kh.transpose(1, 2)  # B x Nq x Nk
-                probs = (logits / math.sqrt(d)).softmax(dim=-1)
-                out[..., cols] = probs @ vh.expand(batch, -1, -1)
+            qh, kh, vh = qp[..., cols], kp[0, :, cols], vp[0, :, cols]
+            logits = (qh.reshape(batch * n_q, d) @ kh.T).view(batch, n_q, n_k)
+            probs = (logits / math.sqrt(d)).softmax(dim=-1)
+            out[..., cols] = (probs.view(batch * n_q, n_k) @ vh).view(batch, n_q, d)
         return out
 
     def _few_keys(
@@ -182,7 +185,21 @@ class Attention(nn.Module):
         Tensor of shape (B, Nq, C)
         """
         _, n_k, inner = kp.shape
-        batch = max(qp.shape[0], kp.shape[0], vp.shape[0])
+        if self.num_heads * n_k >= inner:
+            batch = max(qp.shape[0], kp.shape[0], vp.shape[0])
+            probs_t = self._few_keys_probs(qp, kp)
+            heads_out = probs_t.transpose(-1, -2) @ self._heads(vp)  # B x heads x Nq x d
+            out = self.out_proj(heads_out.transpose(1, 2).reshape(batch, qp.shape[1], inner))
+            return out if residual is None else residual + out
+        mix, projected = self._few_keys_factors(qp, kp, vp)
+        if residual is None:
+            return torch.bmm(mix, projected)
+        return torch.baddbmm(residual.expand(mix.shape[0], -1, -1), mix, projected)
+
+    def _few_keys_probs(self, qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+        """Softmax over the few keys, laid out ``B x heads x Nk x Nq``."""
+        _, n_k, inner = kp.shape
+        batch = max(qp.shape[0], kp.shape[0])
         n_q, heads = qp.shape[1], self.num_heads
         d = inner // heads
         logits = []
@@ -193,21 +210,38 @@ class Attention(nn.Module):
                 logits.append((kh.reshape(batch * n_k, d) @ qh[0].T).view(batch, n_k, n_q))
             else:
                 logits.append(torch.matmul(kh, qh.transpose(1, 2)).expand(batch, -1, -1))
-        probs_t = (torch.stack(logits, dim=1) / math.sqrt(d)).softmax(dim=2)  # B x h x Nk x Nq
-        if heads * n_k >= inner:
-            heads_out = probs_t.transpose(-1, -2) @ self._heads(vp)  # B x heads x Nq x d
-            out = self.out_proj(heads_out.transpose(1, 2).reshape(batch, n_q, inner))
-            return out if residual is None else residual + out
+        return (torch.stack(logits, dim=1) / math.sqrt(d)).softmax(dim=2)  # B x h x Nk x Nq
+
+    def _few_keys_factors(
+        self, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention output of :meth:`_few_keys` as a product ``mix @ projected``.
+
+        Parameters
+        ----------
+        qp : Tensor of shape (B or 1, Nq, inner)
+        kp, vp : Tensor of shape (B, Nk, inner)
+
+        Returns
+        -------
+        mix : Tensor of shape (B, Nq, heads * Nk)
+            Each query's probabilities over the (head, key) pairs.
+        projected : Tensor of shape (B, heads * Nk, C)
+            Each head's values through its slice of ``out_proj``, plus
+            ``bias / heads`` (each head's probabilities sum to 1, so every
+            output gets the bias once).
+        """
+        _, n_k, inner = kp.shape
+        heads = self.num_heads
+        d = inner // heads
+        batch = max(qp.shape[0], kp.shape[0], vp.shape[0])
+        probs_t = self._few_keys_probs(qp, kp)
         weight = self.out_proj.weight.view(-1, heads, d)  # C x heads x d
         projected = torch.einsum("bkhd,chd->bhkc", vp.view(vp.shape[0], n_k, heads, d), weight)
-        # Each head's probabilities sum to 1 over its keys: bias / heads on
-        # every projected value adds the bias once to every output.
         projected = projected + self.out_proj.bias / heads
         projected = projected.expand(batch, -1, -1, -1).flatten(1, 2)  # B x h Nk x C
         mix = probs_t.flatten(1, 2).transpose(1, 2)  # B x Nq x h Nk
-        if residual is None:
-            return torch.bmm(mix, projected)
-        return torch.baddbmm(residual.expand(batch, -1, -1), mix, projected)
+        return mix, projected
 
 
 def _project(linear: nn.Linear, x: torch.Tensor, pe: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,337 @@
+"""The two-way transformer for prompts that share one image, in factored form.
+
+When every prompt of a batch sees the same image tokens ``x`` (one image
+embedding, no per-prompt mask prompt), the image side of SAM's decoder
+changes per prompt only through the image-to-token attentions, and each of
+those adds a low-rank term: for image token ``j``,
+
+    y_{l+1, j} = keys_{l, j} + P_{l, j} U_l
+
+where ``P_l`` (``N x R``) are the attention probabilities of that token over
+the ``R = heads x tokens`` (head, prompt token) pairs and ``U_l`` (``R x C``)
+are the prompt tokens' values with ``out_proj`` folded in (see
+``Attention._few_keys``). The layer norms in between only centre each token
+(linear), scale it by a per-token number ``r`` (its inverse standard
+deviation) and apply a per-channel affine map. So every linear map ``W`` of
+the image tokens at any layer splits into a part shared by all prompts and
+an ``N x R`` by ``R x out`` product per layer:
+
+    W y_{1,c}   = x_c W^T + P_0 (U_{0,c} W^T)
+    W y_{l+1,c} = r_l (W diag(g_l)) y_{l,c} + W b_l - m_l (W 1) + P_l (U_{l,c} W^T)
+
+(``_c``: centred over channels; ``g_l, b_l``: the norm that makes
+``keys_l``; ``m_l``: the mean of ``keys_l``). The shared products
+``x_c (W G)^T`` are computed once per image and kept in a
+:class:`SharedImageWork`; per prompt, a 256-wide projection of 4096 tokens
+then costs ``4096 x R`` multiply-adds per output channel with ``R = 56``
+instead of 256. The same sums in another order: equal to the direct
+arithmetic up to float rounding. Layer-norm statistics still come from the
+materialised (centred) tokens, exactly as the norm computes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+
+__all__ = ["FactoredKeys", "SharedImageWork", "can_factor", "factored_transformer"]
+
+
+@dataclass(eq=False)
+class SharedImageWork:
+    """Per-image products of the factored decoder, reusable across calls.
+
+    A caller that decodes several prompt batches against the same image
+    embedding (clicks in a session, the batches of an automatic run) keeps
+    one of these per embedding and precision; the decoder fills it on first
+    use and checks ``token`` (its weights and inputs) on every call.
+    """
+
+    token: tuple | None = None
+    products: dict[object, torch.Tensor] = field(default_factory=dict)
+
+    def check(self, token: tuple) -> None:
+        """Forget every product if ``token`` differs from the one they were made for."""
+        if token != self.token:
+            self.products.clear()
+            self.token = token
+
+    def get(self, key: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The product named ``key``, built by ``build()`` on first use."""
+        value = self.products.get(key)
+        if value is None:
+            value = self.products[key] = build()
+        return value
+
+
+def _version_token(*tensors: torch.Tensor) -> tuple:
+    """Storage, in-place version (none for inference tensors), dtype and shape of each tensor."""
+    return tuple(
+        (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, tuple(t.shape))
+        for t in tensors
+    )
+
+
+def work_token(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
+    """Identifies the weights and shared inputs a :class:`SharedImageWork` was built from.
+
+    Weights by storage and in-place version; inputs also by a checksum of
+    an evenly strided sample of their values (about a thousand), so a new
+    tensor with other values that reuses a freed tensor's memory is not
+    mistaken for the old one, at a cost far below one prompt's decoding.
+    """
+    sums = []
+    for t in inputs:
+        at = torch.linspace(0, t.numel() - 1, 1024, device=t.device).long()
+        sample = t[torch.unravel_index(at, t.shape)]  # gathers; no copy of a broadcast view
+        sums.append(float(sample.float().sum()))
+    return (_version_token(*module.parameters()), _version_token(*inputs), tuple(sums))
+
+
+def can_factor(transformer: nn.Module, n_tokens: int) -> bool:
+    """Whether :func:`factored_transformer` applies (and pays) for ``n_tokens`` prompt tokens.
+
+    It needs the standard two-way transformer (exactly these classes) with
+    at least one layer, inference without gradients, and few enough tokens
+    that ``heads x tokens`` is below the cross-attention width (beyond that
+    the low-rank terms are no cheaper than the direct projections).
+    """
+    if type(transformer) is not TwoWayTransformer or transformer.depth < 1:
+        return False
+    if torch.is_grad_enabled():
+        return False
+    for layer in transformer.layers:
+        if type(layer) is not TwoWayAttentionBlock:
+            return False
+        attn = layer.cross_attn_image_to_token
+        if attn.num_heads * n_tokens >= attn.internal_dim:
+            return False
+    return True
+
+
+def _rstd(y_c: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(y_c ** 2) + eps)`` over the last axis, in float32, as ``y_c``'s dtype."""
+    var = y_c.float().square().mean(dim=-1, keepdim=True)
+    return torch.rsqrt(var + eps).to(y_c.dtype)
+
+
+@dataclass(eq=False)
+class _Level:
+    """What defines the centred tokens of one level beyond the shared ``x_c``."""
+
+    p: torch.Tensor  # B x N x R: probabilities of the image-to-token attention that made it
+    u_c: torch.Tensor  # B x R x C: its folded values, centred over channels
+    rstd: torch.Tensor  # B x N x 1: of the centred tokens of this level
+    mean: torch.Tensor | None  # B x N x 1: mean of the normalised tokens (None if not needed)
+    norm: nn.LayerNorm  # the norm applied to this level's tokens
+
+
+@dataclass(eq=False)
+class FactoredKeys:
+    """Image tokens of every prompt after the last layer, kept in factored form.
+
+    Attributes
+    ----------
+    x_c : Tensor of shape (1, N, C)
+        Shared image tokens, centred over channels.
+    levels : list of _Level
+        One per transformer layer (level ``l + 1`` is the output of layer ``l``).
+    work : SharedImageWork
+        Shared products (filled on demand).
+    """
+
+    x_c: torch.Tensor
+    levels: list[_Level]
+    work: SharedImageWork
+
+    @property
+    def batch(self) -> int:
+        return self.levels[0].p.shape[0]
+
+    def select(self, index: torch.Tensor) -> FactoredKeys:
+        """The same keys for the prompts ``index`` only."""
+        levels = [
+            _Level(
+                lv.p[index],
+                lv.u_c[index],
+                lv.rstd[index],
+                None if lv.mean is None else lv.mean[index],
+                lv.norm,
+            )
+            for lv in self.levels
+        ]
+        return FactoredKeys(self.x_c, levels, self.work)
+
+    def _centred_product(self, level: int, weight: torch.Tensor, name: tuple) -> torch.Tensor:
+        """``weight @ y_{level, c}`` for every prompt and token: ``B x N x out``.
+
+        ``weight`` is ``out x C``; ``name`` identifies it (with the chain of
+        norm scales folded in) for the shared product cache.
+        """
+        lv = self.levels[level - 1]
+        h = lv.u_c @ weight.T  # B x R x out
+        if level == 1:
+            shared = self.work.get(name, lambda: self.x_c @ weight.T)  # 1 x N x out
+            return torch.baddbmm(shared.expand(h.shape[0], -1, -1), lv.p, h)
+        prev = self.levels[level - 2]
+        g, b = prev.norm.weight, prev.norm.bias
+        inner = self._centred_product(level - 1, weight * g, (*name, "g"))
+        inner = inner.mul_(prev.rstd).add_(weight @ b)
+        inner = inner.addcmul_(prev.mean, weight.sum(dim=1), value=-1)
+        return torch.baddbmm(inner, lv.p, h)
+
+    def project(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        name: str,
+        *,
+        level: int | None = None,
+        added: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``F.linear(keys_level, weight, bias) (+ added)`` for every prompt: ``B x N x out``.
+
+        Parameters
+        ----------
+        weight : Tensor of shape (out, C)
+        bias : Tensor of shape (out,), optional
+        name : str
+            Names ``weight`` for the shared-product cache.
+        level : int, optional
+            Which layer's output (1-based); default the last.
+        added : Tensor of shape (1, N, out), optional
+            A shared term added to the result (a projected positional encoding).
+        """
+        level = len(self.levels) if level is None else level
+        lv = self.levels[level - 1]
+        g, b = lv.norm.weight, lv.norm.bias
+        out = self._centred_product(level, weight * g, (name, level))
+        const = weight @ b if bias is None else torch.addmv(bias, weight, b)
+        out = out.mul_(lv.rstd).add_(const)
+        return out if added is None else out.add_(added)
+
+
+def factored_transformer(
+    transformer: TwoWayTransformer,
+    src: torch.Tensor,
+    image_pe: torch.Tensor,
+    tokens: torch.Tensor,
+    work: SharedImageWork,
+) -> tuple[torch.Tensor, FactoredKeys]:
+    """Run the two-way transformer for a batch of prompts on one shared image.
+
+    Parameters
+    ----------
+    transformer : TwoWayTransformer
+        Checked with :func:`can_factor` by the caller.
+    src : Tensor of shape (1, C, h, w)
+        Image tokens shared by every prompt (embedding plus the shared dense prompt).
+    image_pe : Tensor of shape (1, C, h, w)
+    tokens : Tensor of shape (B, T, C)
+        Output and prompt tokens (also their positional encoding).
+    work : SharedImageWork
+        Shared products for this ``src`` (validated by the caller).
+
+    Returns
+    -------
+    queries : Tensor of shape (B, T, C)
+        As :meth:`TwoWayTransformer.forward`.
+    keys : FactoredKeys
+        The image tokens after the last layer, for :meth:`FactoredKeys.project`.
+    """
+    x = work.get("x", lambda: src.flatten(2).transpose(1, 2).contiguous())  # 1 x N x C
+    pe = work.get("pe", lambda: image_pe.flatten(2).transpose(1, 2).contiguous())
+    x_c = work.get("x_c", lambda: (x.float() - x.float().mean(-1, keepdim=True)).to(x.dtype))
+    levels: list[_Level] = []
+    keys = FactoredKeys(x_c, levels, work)
+    queries, query_pe = tokens, tokens
+    y_c: torch.Tensor | None = None  # centred image tokens of the current level (materialised)
+    for i, layer in enumerate(transformer.layers):
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + layer.self_attn(q, q, queries)
+        queries = layer.norm1(queries)
+
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        if i == 0:
+            kv = work.get(("kv", 0), lambda l=layer: _shared_kv(l, x, pe))
+            q_img = work.get(("q", 0), lambda l=layer: _shared_q(l, x, pe))
+        else:
+            kv, q_img = _level_projections(keys, layer, pe, i)
+        inner = t2i.internal_dim
+        q = queries + query_pe
+        qp = t2i.q_proj(q)
+        attended = t2i._few_queries(qp, kv[..., :inner], kv[..., inner:])
+        queries = layer.norm2(queries + t2i.out_proj(attended))
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        q = queries + query_pe
+        p, u = i2t._few_keys_factors(q_img, i2t.k_proj(q), i2t.v_proj(queries))  # B x N x R, R x C
+        u_c = u - u.mean(dim=-1, keepdim=True)
+        if i == 0:
+            y_c = torch.baddbmm(x_c.expand(p.shape[0], -1, -1), p, u_c)
+        else:
+            prev = levels[-1]
+            keys_c = y_c * prev.rstd * prev.norm.weight + prev.norm.bias  # keys of this layer
+            prev.mean = keys_c.mean(dim=-1, keepdim=True)
+            y_c = torch.baddbmm(keys_c.sub_(prev.mean), p, u_c)
+        levels.append(_Level(p, u_c, _rstd(y_c, layer.norm4.eps), None, layer.norm4))
+
+    final = transformer.final_attn_token_to_image
+    kv = _final_projections(keys, final, pe)
+    q = queries + query_pe
+    qp = final.q_proj(q)
+    inner = final.internal_dim
+    attended = final._few_queries(qp, kv[..., :inner], kv[..., inner:])
+    queries = transformer.norm_final_attn(queries + final.out_proj(attended))
+    return queries, keys
+
+
+def _shared_kv(layer: TwoWayAttentionBlock, x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Layer 0's token-to-image keys and values of the shared image: ``1 x N x 2 inner``."""
+    attn = layer.cross_attn_token_to_image
+    return torch.cat([attn.k_proj(x + pe), attn.v_proj(x)], dim=-1)
+
+
+def _shared_q(layer: TwoWayAttentionBlock, x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """Layer 0's image-to-token queries of the shared image: ``1 x N x inner``."""
+    return layer.cross_attn_image_to_token.q_proj(x + pe)
+
+
+def _level_projections(
+    keys: FactoredKeys, layer: TwoWayAttentionBlock, pe: torch.Tensor, i: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s token-to-image keys and values (``B x N x 2 inner``) and image queries."""
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])
+    bias = torch.cat([t2i.k_proj.bias, t2i.v_proj.bias, i2t.q_proj.bias])
+    inner = t2i.internal_dim
+
+    def pe_term() -> torch.Tensor:
+        k_pe = pe @ t2i.k_proj.weight.T
+        q_pe = pe @ i2t.q_proj.weight.T
+        return torch.cat([k_pe, torch.zeros_like(k_pe), q_pe], dim=-1)
+
+    added = keys.work.get(("pe", i), pe_term)
+    out = keys.project(weight, bias, f"layer{i}", level=i, added=added)
+    return out[..., : 2 * inner], out[..., 2 * inner :]
+
+
+def _final_projections(keys: FactoredKeys, final: Attention, pe: torch.Tensor) -> torch.Tensor:
+    """The final token-to-image attention's keys and values: ``B x N x 2 inner``."""
+    weight = torch.cat([final.k_proj.weight, final.v_proj.weight])
+    bias = torch.cat([final.k_proj.bias, final.v_proj.bias])
+
+    def pe_term() -> torch.Tensor:
+        k_pe = pe @ final.k_proj.weight.T
+        return torch.cat([k_pe, torch.zeros_like(k_pe)], dim=-1)
+
+    added = keys.work.get(("pe", "final"), pe_term)
+    return keys.project(weight, bias, "final", added=added)

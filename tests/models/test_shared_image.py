@@ -1,0 +1,159 @@
+"""The factored mask decoder (models/_shared_image.py) equals the plain arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_sam.models import _shared_image
+from napari_sam.models._shared_image import SharedImageWork, can_factor
+from napari_sam.models.mask_decoder import MaskDecoder
+from napari_sam.models.prompt_encoder import PromptEncoder
+from napari_sam.models.transformer import TwoWayTransformer
+
+from .._reference import randomize_
+
+DIM, HW = 64, (12, 10)
+INPUT_HW = (16 * HW[0], 16 * HW[1])
+
+
+def _parts(depth: int, heads: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    transformer = TwoWayTransformer(depth=depth, embedding_dim=DIM, num_heads=heads, mlp_dim=128)
+    decoder = MaskDecoder(transformer_dim=DIM, transformer=transformer, iou_head_hidden_dim=64)
+    prompt_encoder = PromptEncoder(
+        embed_dim=DIM, image_embedding_hw=HW, input_image_hw=INPUT_HW, mask_in_chans=16
+    )
+    randomize_(decoder, seed=seed)
+    randomize_(prompt_encoder, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():  # norm shifts well away from zero: the factored means must cancel
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=gen))
+    return decoder.eval(), prompt_encoder.eval()
+
+
+def _prompts(prompt_encoder, batch: int, n_points: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    h, w = INPUT_HW
+    coords = torch.rand(batch, n_points, 2, generator=gen) * torch.tensor([w - 1.0, h - 1.0])
+    labels = torch.randint(0, 2, (batch, n_points), generator=gen)
+    return prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+
+
+def _plain(decoder, *args):
+    decoder.share_image_work = False
+    try:
+        return decoder(*args)
+    finally:
+        del decoder.share_image_work
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize(("batch", "with_work"), [(1, True), (5, False), (5, True)])
+@torch.no_grad()
+def test_factored_decoder_equals_plain_decoder(depth, multimask, batch, with_work):
+    decoder, prompt_encoder = _parts(depth)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(9))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(prompt_encoder, batch, 2)
+    assert can_factor(decoder.transformer, decoder.num_mask_tokens + 1 + sparse.shape[1])
+    calls = []
+    real = _shared_image.factored_transformer
+    work = SharedImageWork() if with_work else None
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("napari_sam.models.mask_decoder.factored_transformer", spy)
+        masks, iou, index = decoder.forward_selected(
+            features, pe, sparse, dense, multimask, image_work=work
+        )
+    assert calls == [1] and index is None  # the factored path ran
+    plain_masks, plain_iou = _plain(decoder, features, pe, sparse, dense, multimask)
+    assert masks.shape == plain_masks.shape == (batch, 3 if multimask else 1, 4 * HW[0], 4 * HW[1])
+    scale = float(plain_masks.abs().max())
+    torch.testing.assert_close(masks, plain_masks, rtol=1e-5, atol=2e-6 * scale)
+    torch.testing.assert_close(iou, plain_iou, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_factored_selection_and_reuse_across_calls():
+    decoder, prompt_encoder = _parts(2)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(4))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(prompt_encoder, 8, 1, seed=3)
+    full, iou = _plain(decoder, features, pe, sparse, dense, True)
+    best = iou.max(dim=1).values.sort().values
+    threshold = float(best[3:5].mean())  # half the prompts pass, none sits on the threshold
+    work = SharedImageWork()
+    masks, _, index = decoder.forward_selected(
+        features, pe, sparse, dense, True, iou_above=threshold, image_work=work
+    )
+    expected = torch.nonzero((iou > threshold).any(dim=1)).flatten()
+    assert 0 < len(expected) < 8
+    torch.testing.assert_close(index, expected)
+    atol = 2e-6 * float(full.abs().max())
+    torch.testing.assert_close(masks, full[expected], rtol=1e-5, atol=atol)
+    kept = dict(work.products)
+    assert kept  # shared products were made ...
+    again, _, _ = decoder.forward_selected(
+        features, pe, sparse[:1], dense[:1], True, image_work=work
+    )
+    assert all(work.products[k] is v for k, v in kept.items())  # ... and reused, not rebuilt
+    torch.testing.assert_close(again, full[:1], rtol=1e-5, atol=atol)
+
+
+@torch.no_grad()
+def test_shared_work_follows_new_weights_and_new_image_values():
+    decoder, prompt_encoder = _parts(2)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(5))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(prompt_encoder, 1, 1, seed=6)
+    work = SharedImageWork()
+    decoder.forward_selected(features, pe, sparse, dense, True, image_work=work)
+    # the same storage with other values (as a recycled buffer would have)
+    features.mul_(-1.5)
+    got, _, _ = decoder.forward_selected(features, pe, sparse, dense, True, image_work=work)
+    expected, _ = _plain(decoder, features, pe, sparse, dense, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+    # weights updated in place (a fine-tuning step)
+    decoder.transformer.layers[1].cross_attn_token_to_image.k_proj.weight.mul_(2.0)
+    decoder.transformer.layers[0].norm4.bias.add_(0.3)
+    got, _, _ = decoder.forward_selected(features, pe, sparse, dense, True, image_work=work)
+    expected, _ = _plain(decoder, features, pe, sparse, dense, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * float(expected.abs().max()))
+
+
+def test_can_factor_only_without_gradients_and_for_few_tokens():
+    decoder, _ = _parts(2, heads=2)  # cross-attention width 32: up to 15 tokens x 2 heads
+    transformer = decoder.transformer
+    with torch.no_grad():
+        assert can_factor(transformer, 15)
+        assert not can_factor(transformer, 16)  # 2 x 16 = 32: no cheaper than direct
+    assert not can_factor(transformer, 7)  # gradients on (training): the plain path
+    with torch.no_grad():
+        assert not can_factor(
+            TwoWayTransformer(depth=0, embedding_dim=DIM, num_heads=2, mlp_dim=8), 7
+        )
+
+
+@torch.no_grad()
+def test_decode_low_res_keeps_work_for_the_last_embeddings(tiny_model):
+    import napari_sam.predict as predict
+
+    images = [torch.rand(3, 40 + 10 * i, 50) for i in range(3)]
+    embeddings = [
+        predict.encode_image(tiny_model, (img.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+        for img in images
+    ]
+    works = [predict._image_work(e.features, e.features.dtype) for e in embeddings]
+    assert predict._image_work(embeddings[2].features, torch.float32) is works[2]
+    assert predict._image_work(embeddings[2].features, torch.bfloat16) is not works[2]
+    assert len(predict._IMAGE_WORK) <= predict._IMAGE_WORK_SLOTS
+    # the oldest was evicted: a fresh (empty) one replaces it
+    assert predict._image_work(embeddings[0].features, torch.float32) is not works[0]
