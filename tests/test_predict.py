@@ -483,3 +483,48 @@ def test_vit_b_at_1024_matches_reference_for_a_point_and_a_box():
         pred = predict_masks(ours, case.embedding, multimask=kind == "point", **prompts)
         ref_out = _reference_predict(case, prompts, kind == "point")
         _assert_prediction_matches(pred, ref_out, batched=False)
+
+
+@pytest.mark.parametrize(
+    ("input_hw", "original_hw"),
+    [((1024, 1024), (1024, 1024)), ((1024, 700), (1024, 700)), ((640, 1024), (640, 1024))],
+)
+def test_upscale_to_masks_equals_thresholded_upscaling(input_hw, original_hw):
+    from napari_sam._results import ImageEmbedding
+    from napari_sam.predict import upscale_logits, upscale_to_masks
+
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.randn(2, 3, 12, 12, generator=gen) * 6
+    low = torch.nn.functional.interpolate(coarse, (256, 256), mode="bilinear")
+    low[0, 0, 100:140, 30:90] = 0.0  # exact zeros: not above the threshold
+    low[1, 2] = -torch.rand(256, 256, generator=gen)  # an empty mask
+    low[1, 1] = torch.rand(256, 256, generator=gen) + 0.1  # a full one
+    emb = ImageEmbedding(torch.zeros(1), original_hw, input_hw, 1024, "vit_b", "float32")
+    masks = upscale_to_masks(low, emb)
+    expected = upscale_logits(low, emb) > 0
+    assert masks.dtype == torch.bool and masks.shape == (2, 3, *original_hw)
+    assert torch.equal(masks, expected)
+    assert not masks[1, 2].any() and masks[1, 1].all()
+
+
+def test_upscale_to_masks_falls_back_where_the_shortcut_does_not_hold(monkeypatch):
+    from napari_sam import predict
+    from napari_sam._results import ImageEmbedding
+
+    gen = torch.Generator().manual_seed(1)
+    smooth = torch.nn.functional.interpolate(
+        torch.randn(1, 1, 8, 8, generator=gen) * 4, (256, 256), mode="bilinear"
+    )
+    ragged = torch.randn(1, 1, 256, 256, generator=gen)  # noise: most quads mixed
+    calls = []
+    real = predict.upscale_logits
+    monkeypatch.setattr(predict, "upscale_logits", lambda *a: calls.append(1) or real(*a))
+    square = ImageEmbedding(torch.zeros(1), (1024, 1024), (1024, 1024), 1024, "vit_b", "float32")
+    resized = ImageEmbedding(torch.zeros(1), (300, 300), (1024, 1024), 1024, "vit_b", "float32")
+    predict.upscale_to_masks(smooth, square)
+    assert calls == []  # the shortcut
+    cases = [(ragged, square, 0.0), (smooth, resized, 0.0), (smooth, square, 0.5)]
+    for low, emb, threshold in cases:
+        got = predict.upscale_to_masks(low, emb, threshold)
+        assert torch.equal(got, real(low, emb) > threshold)
+    assert len(calls) == 3

@@ -309,6 +309,76 @@ def upscale_logits(low_res_logits: torch.Tensor, embedding: ImageEmbedding) -> t
         return F.interpolate(x, embedding.original_hw, mode="bilinear", align_corners=False)
 
 
+# Above one mixed-sign quad in this many, upscaling everything is cheaper.
+_MIXED_SHARE = 8
+
+
+def upscale_to_masks(
+    low_res_logits: torch.Tensor, embedding: ImageEmbedding, threshold: float = 0.0
+) -> torch.Tensor:
+    """``upscale_logits(low_res_logits, embedding) > threshold``, without most of the work.
+
+    With a threshold of 0 and no second resize (the original image is the
+    resized input: longest side ``img_size``), every full-resolution pixel
+    is a convex combination of the four low-res logits around it, so where
+    those four agree in sign (all above 0, or none) so does the pixel. Only
+    the 4 x 4 pixel blocks of low-res quads with mixed signs, along the mask
+    boundaries, are interpolated, with the bilinear weights of the 4x
+    upscaling. Equal to thresholding the upscaled logits up to float
+    rounding of values within about 1e-7 of 0 on those boundaries. Any other
+    case, and ragged masks (more than one quad in eight mixed: the noise of
+    random weights), take that path.
+
+    Parameters
+    ----------
+    low_res_logits : Tensor of shape (B, M, L, L)
+    embedding : ImageEmbedding
+    threshold : float, optional
+
+    Returns
+    -------
+    Tensor of shape (B, M, H, W), bool
+        Possibly a strided view (of a slightly larger buffer).
+    """
+    low = low_res_logits.float()
+    size, (h, w) = embedding.img_size, embedding.input_hw
+    side = low.shape[-1]
+    if threshold != 0 or embedding.original_hw != (h, w) or low.shape[-2] != side:
+        return upscale_logits(low, embedding) > threshold
+    if side * 4 != size:
+        return upscale_logits(low, embedding) > threshold
+    with torch.inference_mode():
+        # Quads between low-res rows/columns r and r + 1, for r = -1 .. L - 1 (edge
+        # replicated, as the upscaling clamps there): Q x Q per mask, Q = L + 1.
+        padded = F.pad(low.flatten(0, 1)[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+        above = padded > 0
+        corners = (above[:, :-1, :-1], above[:, :-1, 1:], above[:, 1:, :-1], above[:, 1:, 1:])
+        all_above = corners[0] & corners[1] & corners[2] & corners[3]
+        mixed = (corners[0] | corners[1] | corners[2] | corners[3]) & ~all_above
+        if int(mixed.sum()) > mixed.numel() // _MIXED_SHARE:  # ragged masks (noise)
+            return upscale_logits(low, embedding) > threshold
+        n, q = all_above.shape[:2]
+        # Each quad covers 4 x 4 output pixels (quad r starts at output row 4 r - 2).
+        # Written as int32 words of four bytes, one word a quad row: 0 or 0x01010101.
+        words = (all_above.to(torch.int32) * 0x01010101)[:, :, None, :]
+        words = words.expand(n, q, 4, q).reshape(n, 4 * q, q)
+        where = torch.nonzero(mixed)  # K x 3: (mask, quad row, quad column)
+        if len(where):
+            m, r, c = where.unbind(1)
+            v00, v01 = padded[m, r, c], padded[m, r, c + 1]
+            v10, v11 = padded[m, r + 1, c], padded[m, r + 1, c + 1]
+            a = torch.tensor([0.125, 0.375, 0.625, 0.875], device=low.device)
+            top = v00[:, None] * (1 - a) + v01[:, None] * a  # K x 4 (columns)
+            bottom = v10[:, None] * (1 - a) + v11[:, None] * a
+            values = top[:, None, :] * (1 - a)[:, None] + bottom[:, None, :] * a[:, None]
+            packed = (values > 0).to(torch.uint8).view(torch.int32)[..., 0]  # K x 4 words
+            t = torch.arange(4, device=low.device)
+            flat = ((m * 4 * q + 4 * r)[:, None] + t) * q + c[:, None]  # K x 4
+            words.view(-1)[flat.flatten()] = packed.flatten()
+        masks = words.view(torch.bool).view(*low.shape[:2], 4 * q, 4 * q)
+    return masks[..., 2 : 2 + h, 2 : 2 + w]
+
+
 # --------------------------------------------------------------------------- #
 # numpy-level API
 # --------------------------------------------------------------------------- #
@@ -380,7 +450,7 @@ def predict_masks(
         multimask=multimask,
         precision=precision,
     )
-    masks = upscale_logits(low.logits, embedding) > model.mask_threshold
+    masks = upscale_to_masks(low.logits, embedding, model.mask_threshold)
     return MaskPrediction(
         masks=masks.cpu().numpy(),
         iou_scores=low.iou_scores.cpu().numpy(),
@@ -478,4 +548,5 @@ __all__ = [
     "encode_image",
     "predict_masks",
     "upscale_logits",
+    "upscale_to_masks",
 ]

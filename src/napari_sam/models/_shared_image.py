@@ -14,25 +14,28 @@ are the prompt tokens' values with ``out_proj`` folded in (see
 (linear), scale it by a per-token number ``r`` (its inverse standard
 deviation) and apply a per-channel affine map. So every linear map ``W`` of
 the image tokens at any layer splits into a part shared by all prompts and
-an ``N x R`` by ``R x out`` product per layer:
+an ``N x R`` by ``R x out`` product per layer (``mean_l``, ``r_l``: mean and
+inverse standard deviation of ``y_l`` over channels; ``g_l, b_l``: the norm
+that makes ``keys_l = r_l g_l (y_l - mean_l) + b_l``; ``x_c``: ``x`` centred
+over channels, and the first layer's values centred too, so ``y_1`` is):
 
-    W y_{1,c}   = x_c W^T + P_0 (U_{0,c} W^T)
-    W y_{l+1,c} = r_l (W diag(g_l)) y_{l,c} + W b_l - m_l (W 1) + P_l (U_{l,c} W^T)
+    W (y_1 - mean_1)     = x_c W^T + P_0 (U_0 W^T) - mean_1 (W 1)
+    W (y_{l+1} - mean)   = r_l (W diag(g_l)) (y_l - mean_l) + W b_l + P_l (U_l W^T) - mean (W 1)
 
-(``_c``: centred over channels; ``g_l, b_l``: the norm that makes
-``keys_l``; ``m_l``: the mean of ``keys_l``). The shared products
-``x_c (W G)^T`` are computed once per image and kept in a
-:class:`SharedImageWork`; per prompt, a 256-wide projection of 4096 tokens
-then costs ``4096 x R`` multiply-adds per output channel with ``R = 56``
-instead of 256. The same sums in another order: equal to the direct
-arithmetic up to float rounding. Layer-norm statistics still come from the
-materialised (centred) tokens, exactly as the norm computes them.
+The shared products ``x_c (W G)^T`` are computed once per image and kept in
+a :class:`SharedImageWork`; per prompt, a 256-wide projection of 4096
+tokens then costs ``4096 x R`` multiply-adds per output channel with
+``R = 56`` instead of 256. The same sums in another order: equal to the
+direct arithmetic up to float rounding. Each level's tokens are still
+materialised once (a residual needs them), and its norm gives their
+statistics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,11 +52,12 @@ class SharedImageWork:
     A caller that decodes several prompt batches against the same image
     embedding (clicks in a session, the batches of an automatic run) keeps
     one of these per embedding and precision; the decoder fills it on first
-    use and checks ``token`` (its weights and inputs) on every call.
+    use (image products, and the weights with norm scales folded in) and
+    checks ``token`` (its weights and inputs) on every call.
     """
 
     token: tuple | None = None
-    products: dict[object, torch.Tensor] = field(default_factory=dict)
+    products: dict[object, Any] = field(default_factory=dict)
 
     def check(self, token: tuple) -> None:
         """Forget every product if ``token`` differs from the one they were made for."""
@@ -61,7 +65,7 @@ class SharedImageWork:
             self.products.clear()
             self.token = token
 
-    def get(self, key: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, key: object, build: Callable[[], Any]) -> Any:
         """The product named ``key``, built by ``build()`` on first use."""
         value = self.products.get(key)
         if value is None:
@@ -114,21 +118,18 @@ def can_factor(transformer: nn.Module, n_tokens: int) -> bool:
     return True
 
 
-def _rstd(y_c: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / sqrt(mean(y_c ** 2) + eps)`` over the last axis, in float32, as ``y_c``'s dtype."""
-    var = y_c.float().square().mean(dim=-1, keepdim=True)
-    return torch.rsqrt(var + eps).to(y_c.dtype)
-
-
 @dataclass(eq=False)
 class _Level:
-    """What defines the centred tokens of one level beyond the shared ``x_c``."""
+    """What defines one level's image tokens ``y`` (before its norm) beyond the shared ``x_c``.
+
+    ``y_1 = x_c + p u`` (``u`` centred: ``y_1`` is centred); ``y_{l+1} = keys_l + p u``.
+    """
 
     p: torch.Tensor  # B x N x R: probabilities of the image-to-token attention that made it
-    u_c: torch.Tensor  # B x R x C: its folded values, centred over channels
-    rstd: torch.Tensor  # B x N x 1: of the centred tokens of this level
-    mean: torch.Tensor | None  # B x N x 1: mean of the normalised tokens (None if not needed)
-    norm: nn.LayerNorm  # the norm applied to this level's tokens
+    u: torch.Tensor  # B x R x C: its folded values
+    rstd: torch.Tensor  # B x N x 1: 1 / std of y over channels (from the norm)
+    mean: torch.Tensor  # B x N x 1: mean of y over channels (from the norm)
+    norm: nn.LayerNorm  # the norm applied to y
 
 
 @dataclass(eq=False)
@@ -156,34 +157,35 @@ class FactoredKeys:
     def select(self, index: torch.Tensor) -> FactoredKeys:
         """The same keys for the prompts ``index`` only."""
         levels = [
-            _Level(
-                lv.p[index],
-                lv.u_c[index],
-                lv.rstd[index],
-                None if lv.mean is None else lv.mean[index],
-                lv.norm,
-            )
+            _Level(lv.p[index], lv.u[index], lv.rstd[index], lv.mean[index], lv.norm)
             for lv in self.levels
         ]
         return FactoredKeys(self.x_c, levels, self.work)
 
     def _centred_product(self, level: int, weight: torch.Tensor, name: tuple) -> torch.Tensor:
-        """``weight @ y_{level, c}`` for every prompt and token: ``B x N x out``.
+        """``weight @ (y_level - mean)`` for every prompt and token: ``B x N x out``.
 
         ``weight`` is ``out x C``; ``name`` identifies it (with the chain of
-        norm scales folded in) for the shared product cache.
+        norm scales folded in) for the shared product cache. With
+        ``keys_l = r_l g_l (y_l - mean_l) + b_l`` and ``y_{l+1} = keys_l + p_l u_l``::
+
+            W (y_1 - mean_1)     = x_c W^T + p_0 (u_0 W^T) - mean_1 (W 1)
+            W (y_{l+1} - mean)   = r_l W g_l (y_l - mean_l) + W b_l + p_l (u_l W^T) - mean (W 1)
         """
         lv = self.levels[level - 1]
-        h = lv.u_c @ weight.T  # B x R x out
+        h = lv.u @ weight.T  # B x R x out
+        ones = self.work.get((*name, "ones"), lambda: weight.sum(dim=1))
         if level == 1:
-            shared = self.work.get(name, lambda: self.x_c @ weight.T)  # 1 x N x out
-            return torch.baddbmm(shared.expand(h.shape[0], -1, -1), lv.p, h)
-        prev = self.levels[level - 2]
-        g, b = prev.norm.weight, prev.norm.bias
-        inner = self._centred_product(level - 1, weight * g, (*name, "g"))
-        inner = inner.mul_(prev.rstd).add_(weight @ b)
-        inner = inner.addcmul_(prev.mean, weight.sum(dim=1), value=-1)
-        return torch.baddbmm(inner, lv.p, h)
+            base = self.work.get(name, lambda: self.x_c @ weight.T)  # 1 x N x out
+            base = base.expand(h.shape[0], -1, -1)
+        else:
+            prev = self.levels[level - 2]
+            inner_name = (*name, "g")
+            scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
+            shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+            base = self._centred_product(level - 1, scaled, inner_name)
+            base = base.mul_(prev.rstd).add_(shift)
+        return torch.baddbmm(base, lv.p, h).addcmul_(lv.mean, ones, value=-1)
 
     def project(
         self,
@@ -210,9 +212,12 @@ class FactoredKeys:
         level = len(self.levels) if level is None else level
         lv = self.levels[level - 1]
         g, b = lv.norm.weight, lv.norm.bias
-        out = self._centred_product(level, weight * g, (name, level))
-        const = weight @ b if bias is None else torch.addmv(bias, weight, b)
-        out = out.mul_(lv.rstd).add_(const)
+        key = (name, level)
+        scaled = self.work.get((*key, "weight"), lambda: weight * g)
+        const = self.work.get(
+            (*key, "const"), lambda: weight @ b if bias is None else torch.addmv(bias, weight, b)
+        )
+        out = self._centred_product(level, scaled, key).mul_(lv.rstd).add_(const)
         return out if added is None else out.add_(added)
 
 
@@ -250,7 +255,7 @@ def factored_transformer(
     levels: list[_Level] = []
     keys = FactoredKeys(x_c, levels, work)
     queries, query_pe = tokens, tokens
-    y_c: torch.Tensor | None = None  # centred image tokens of the current level (materialised)
+    image: torch.Tensor | None = None  # the current level's normalised image tokens
     for i, layer in enumerate(transformer.layers):
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(queries, queries, queries)
@@ -274,15 +279,17 @@ def factored_transformer(
 
         q = queries + query_pe
         p, u = i2t._few_keys_factors(q_img, i2t.k_proj(q), i2t.v_proj(queries))  # B x N x R, R x C
-        u_c = u - u.mean(dim=-1, keepdim=True)
-        if i == 0:
-            y_c = torch.baddbmm(x_c.expand(p.shape[0], -1, -1), p, u_c)
+        if i == 0:  # centred values keep y_1 centred like x_c (no cancellation later)
+            u = u - u.mean(dim=-1, keepdim=True)
+            y = torch.baddbmm(x_c.expand(p.shape[0], -1, -1), p, u)
         else:
-            prev = levels[-1]
-            keys_c = y_c * prev.rstd * prev.norm.weight + prev.norm.bias  # keys of this layer
-            prev.mean = keys_c.mean(dim=-1, keepdim=True)
-            y_c = torch.baddbmm(keys_c.sub_(prev.mean), p, u_c)
-        levels.append(_Level(p, u_c, _rstd(y_c, layer.norm4.eps), None, layer.norm4))
+            y = torch.baddbmm(image, p, u)
+        norm = layer.norm4
+        image, mean, rstd = torch.native_layer_norm(
+            y, norm.weight.shape, norm.weight, norm.bias, norm.eps
+        )
+        levels.append(_Level(p, u, rstd, mean, norm))
+        del y
 
     final = transformer.final_attn_token_to_image
     kv = _final_projections(keys, final, pe)
@@ -310,8 +317,9 @@ def _level_projections(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``i``'s token-to-image keys and values (``B x N x 2 inner``) and image queries."""
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])
-    bias = torch.cat([t2i.k_proj.bias, t2i.v_proj.bias, i2t.q_proj.bias])
+    linears = (t2i.k_proj, t2i.v_proj, i2t.q_proj)
+    weight = keys.work.get(("cat", i), lambda: torch.cat([lin.weight for lin in linears]))
+    bias = keys.work.get(("cat bias", i), lambda: torch.cat([lin.bias for lin in linears]))
     inner = t2i.internal_dim
 
     def pe_term() -> torch.Tensor:
@@ -326,8 +334,9 @@ def _level_projections(
 
 def _final_projections(keys: FactoredKeys, final: Attention, pe: torch.Tensor) -> torch.Tensor:
     """The final token-to-image attention's keys and values: ``B x N x 2 inner``."""
-    weight = torch.cat([final.k_proj.weight, final.v_proj.weight])
-    bias = torch.cat([final.k_proj.bias, final.v_proj.bias])
+    linears = (final.k_proj, final.v_proj)
+    weight = keys.work.get(("cat", "final"), lambda: torch.cat([lin.weight for lin in linears]))
+    bias = keys.work.get(("cat bias", "final"), lambda: torch.cat([lin.bias for lin in linears]))
 
     def pe_term() -> torch.Tensor:
         k_pe = pe @ final.k_proj.weight.T

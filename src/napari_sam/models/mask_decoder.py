@@ -207,7 +207,7 @@ class MaskDecoder(nn.Module):
                     hs, fkeys = hs[index], fkeys.select(index)
                 if hs.shape[0] == 0:
                     return hs.new_zeros(0, count, *(4 * n for n in src.shape[-2:])), iou_pred, index
-                up1 = self._up1_weights()
+                up1 = work.get("up1 weights", self._up1_weights)
                 first_up = fkeys.project(*up1, "up1")  # S x hw x 4 C/4
                 masks = self._masks(hs, first_up, src.shape[-2:], chosen)
                 return masks, iou_pred, index

@@ -29,6 +29,7 @@ __all__ = ["Attention", "TwoWayAttentionBlock", "TwoWayTransformer"]
 
 # Attention with at most this many queries or keys uses explicit matmuls.
 _SMALL_SIDE = 64
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class Attention(nn.Module):
@@ -117,14 +118,13 @@ class Attention(nn.Module):
         return out if residual is None else residual + out
 
     def _few_queries(self, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
-        """Attention of a few query tokens over many keys.
+        """Attention of a few query tokens over many keys, one head at a time.
 
-        Keys shared by every prompt (batch 1) are read in place one head at a
-        time (a strided matrix is a valid matmul operand) and never expanded
-        to the batch. Per-prompt keys and values are copied heads-first once
-        and every head and prompt goes through one batched matmul: the
-        per-head matmuls of a few rows each cost more in call overhead and
-        operand copies (half precision) than that copy.
+        Each head reads its columns of the projected keys and values in place
+        (a strided matrix is a valid matmul operand), so the large key and
+        value tensors are never copied into a heads-first layout, and keys
+        shared by every prompt (batch 1) are never expanded to the batch.
+        Half precision takes :meth:`_few_queries_block_diagonal` instead.
 
         Parameters
         ----------
@@ -140,20 +140,50 @@ class Attention(nn.Module):
         n_k = kp.shape[1]
         d = inner // self.num_heads
         shared = kp.shape[0] == 1 and vp.shape[0] == 1
-        if not shared:  # per-prompt keys: heads-first copies (a few) and one matmul per step
-            qh = qp.view(batch, n_q, self.num_heads, d).transpose(1, 2)  # B x h x Nq x d
-            kh = kp.view(kp.shape[0], n_k, self.num_heads, d).permute(0, 2, 3, 1)  # B x h x d x Nk
-            vh = vp.view(vp.shape[0], n_k, self.num_heads, d).transpose(1, 2)  # B x h x Nk x d
-            probs = (torch.matmul(qh, kh) / math.sqrt(d)).softmax(dim=-1)  # B x h x Nq x Nk
-            return torch.matmul(probs, vh).transpose(1, 2).reshape(batch, n_q, inner)
+        if qp.dtype in _HALF:
+            return self._few_queries_block_diagonal(qp, kp, vp)
         out = qp.new_empty(batch, n_q, inner)
-        for head in range(self.num_heads):  # fold the batch into the rows: one matmul a head
+        for head in range(self.num_heads):
             cols = slice(head * d, (head + 1) * d)
-            qh, kh, vh = qp[..., cols], kp[0, :, cols], vp[0, :, cols]
-            logits = (qh.reshape(batch * n_q, d) @ kh.T).view(batch, n_q, n_k)
-            probs = (logits / math.sqrt(d)).softmax(dim=-1)
-            out[..., cols] = (probs.view(batch * n_q, n_k) @ vh).view(batch, n_q, d)
+            qh, kh, vh = qp[..., cols], kp[..., cols], vp[..., cols]
+            if shared:  # fold the batch into the rows: one matmul against the shared keys
+                logits = (qh.reshape(batch * n_q, d) @ kh[0].T).view(batch, n_q, n_k)
+                probs = (logits / math.sqrt(d)).softmax(dim=-1)
+                out[..., cols] = (probs.view(batch * n_q, n_k) @ vh[0]).view(batch, n_q, d)
+            else:
+                logits = qh @ kh.transpose(1, 2)  # B x Nq x Nk
+                probs = (logits / math.sqrt(d)).softmax(dim=-1)
+                out[..., cols] = probs @ vh.expand(batch, -1, -1)
         return out
+
+    def _few_queries_block_diagonal(
+        self, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`_few_queries` as two full-width matmuls (half precision).
+
+        Every head's queries sit in their own rows, zero outside the head's
+        columns (``B x heads Nq x inner``), so one matmul against all of the
+        keys gives every head's logits, and one against all of the values
+        gives each head its columns (the diagonal blocks). Eight times the
+        multiply-adds of per-head matmuls, yet several times faster in
+        bfloat16 on a CPU, where matmuls of a few rows by 16 columns each
+        cost far more than their arithmetic (measured: 0.19 vs 0.71 ms for
+        the logits of one prompt, 1.3 vs 3.8 ms for eight).
+        """
+        batch, n_q, inner = qp.shape
+        heads, d = self.num_heads, inner // self.num_heads
+        q_bd = _block_diagonal(qp, heads) / math.sqrt(d)  # B x heads Nq x inner
+        if kp.shape[0] == 1:
+            logits = (q_bd.reshape(-1, inner) @ kp[0].T).view(batch, heads * n_q, -1)
+        else:  # keys first: the many keys are read as they lie, not copied transposed
+            logits = torch.bmm(kp, q_bd.transpose(1, 2)).transpose(1, 2)
+        probs = logits.softmax(dim=-1)  # B x heads Nq x Nk
+        if vp.shape[0] == 1:
+            full = (probs.view(-1, probs.shape[-1]) @ vp[0]).view(batch, heads, n_q, heads, d)
+        else:
+            full = torch.bmm(probs, vp.expand(batch, -1, -1)).view(batch, heads, n_q, heads, d)
+        own = torch.diagonal(full, dim1=1, dim2=3)  # B x Nq x d x heads
+        return own.permute(0, 1, 3, 2).reshape(batch, n_q, inner)
 
     def _few_keys(
         self,
@@ -202,6 +232,14 @@ class Attention(nn.Module):
         batch = max(qp.shape[0], kp.shape[0])
         n_q, heads = qp.shape[1], self.num_heads
         d = inner // heads
+        if qp.dtype in _HALF:  # one full-width matmul (see _few_queries_block_diagonal)
+            k_bd = _block_diagonal(kp, heads)  # (B or 1) x heads Nk x inner
+            if qp.shape[0] == 1:
+                logits = (k_bd.reshape(-1, inner) @ qp[0].T).view(-1, heads, n_k, n_q)
+            else:
+                logits = torch.bmm(k_bd.expand(batch, -1, -1), qp.transpose(1, 2))
+            logits = logits.view(batch, heads, n_k, n_q)
+            return (logits / math.sqrt(d)).softmax(dim=2)
         logits = []
         for head in range(heads):
             cols = slice(head * d, (head + 1) * d)
@@ -235,13 +273,22 @@ class Attention(nn.Module):
         heads = self.num_heads
         d = inner // heads
         batch = max(qp.shape[0], kp.shape[0], vp.shape[0])
-        probs_t = self._few_keys_probs(qp, kp)
+        # B x Nq x h Nk (keys-first logits: the softmax over few keys is vectorised)
+        mix = self._few_keys_probs(qp, kp).flatten(1, 2).transpose(1, 2)
         weight = self.out_proj.weight.view(-1, heads, d)  # C x heads x d
         projected = torch.einsum("bkhd,chd->bhkc", vp.view(vp.shape[0], n_k, heads, d), weight)
         projected = projected + self.out_proj.bias / heads
         projected = projected.expand(batch, -1, -1, -1).flatten(1, 2)  # B x h Nk x C
-        mix = probs_t.flatten(1, 2).transpose(1, 2)  # B x Nq x h Nk
         return mix, projected
+
+
+def _block_diagonal(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``B x n x inner`` -> ``B x heads n x inner``: head ``h``'s rows keep only its columns."""
+    batch, n, inner = x.shape
+    d = inner // heads
+    eye = torch.eye(heads, dtype=x.dtype, device=x.device)
+    per_head = x.view(batch, n, heads, d).transpose(1, 2)  # B x heads x n x d
+    return (per_head[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(batch, -1, inner)
 
 
 def _project(linear: nn.Linear, x: torch.Tensor, pe: torch.Tensor | None) -> torch.Tensor:
