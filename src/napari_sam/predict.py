@@ -207,7 +207,8 @@ def decode_low_res(
     features = embedding.features
     dtype = features.dtype if precision is None else resolve_precision(precision, device)
     decoder = cast_module(model.mask_decoder, dtype)
-    work = _image_work(features, dtype)
+    # A mask prompt makes the image side new on every call: nothing to reuse.
+    work = _image_work(features, dtype) if mask_input is None else None
     features = features.to(device, dtype)
     if mask_input is not None:
         mask_input = mask_input.to(device, torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,28 @@ def test_decode_low_res_keeps_work_for_the_last_embeddings(tiny_model):
     assert len(predict._IMAGE_WORK) <= predict._IMAGE_WORK_SLOTS
     # the oldest was evicted: a fresh (empty) one replaces it
     assert predict._image_work(embeddings[0].features, torch.float32) is not works[0]
+
+
+@torch.no_grad()
+def test_decode_low_res_reuses_products_for_clicks_not_for_mask_prompts(tiny_model, monkeypatch):
+    import napari_sam.predict as predict
+
+    monkeypatch.setattr(predict, "_IMAGE_WORK", type(predict._IMAGE_WORK)())
+    image = (np.random.default_rng(0).random((60, 50, 3)) * 255).astype("uint8")
+    emb = predict.encode_image(tiny_model, image)
+    point, label = torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]])
+    args = dict(boxes_xyxy=None, multimask=True)
+    low = predict.decode_low_res(
+        tiny_model, emb, points_xy=point, point_labels=label, mask_input=None, **args
+    )
+    assert len(predict._IMAGE_WORK) == 1  # a click keeps the image's work for the next one
+    predict._IMAGE_WORK.clear()
+    predict.decode_low_res(
+        tiny_model,
+        emb,
+        points_xy=point,
+        point_labels=label,
+        mask_input=low.logits[:, :1],
+        **args,
+    )
+    assert len(predict._IMAGE_WORK) == 0  # a mask prompt changes the image side every time
