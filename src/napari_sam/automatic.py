@@ -76,12 +76,13 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 23
 # On CPU the mask decoder is both faster and far lighter with few prompts per
 # call (its working set stays in cache): at most this many low-res logit
-# pixels per call, i.e. 16 prompts for 1024 px models (256 x 256 logits).
-# Measured on ViT-B, 2 cores: 64 prompts in 4 calls of 16 took 0.82x the time of
-# one call of 64, and ~0 instead of 1.3-2.2 GiB of transient memory. Half
-# precision prefers half as many (ViT-B IoU pass, one thread, per prompt: bf16
-# 12.8 ms at 8 per call, 14.5 ms at 16; fp32 29.1 ms at 16, 30.9 ms at 8).
-_CPU_DECODE_PIXELS = 1 << 20
+# pixels per call, i.e. 8 prompts for 1024 px models (256 x 256 logits), 4 in
+# half precision. Measured on ViT-B, 2 cores: 64 prompts in 4 calls of 16 took
+# 0.82x the time of one call of 64, and ~0 instead of 1.3-2.2 GiB of transient
+# memory. With the factored decoder (models/_shared_image.py) fewer still pay:
+# IoU pass per prompt, 2 threads, a training run beside it: fp32 16.2 ms at 8
+# per call, 17.9 at 16, 20.7 at 32; bf16 10.9 ms at 4, 11.3 at 8, 13.1 at 16.
+_CPU_DECODE_PIXELS = 1 << 19
 
 
 def generate_masks(
