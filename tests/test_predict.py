@@ -486,10 +486,16 @@ def test_vit_b_at_1024_matches_reference_for_a_point_and_a_box():
 
 
 @pytest.mark.parametrize(
-    ("input_hw", "original_hw"),
-    [((1024, 1024), (1024, 1024)), ((1024, 700), (1024, 700)), ((640, 1024), (640, 1024))],
+    ("input_hw", "img_size"),
+    [
+        ((1024, 1024), 1024),
+        ((1024, 700), 1024),
+        ((640, 1024), 1024),
+        ((256, 200), 256),
+        ((512, 512), 2048),
+    ],
 )
-def test_upscale_to_masks_equals_thresholded_upscaling(input_hw, original_hw):
+def test_upscale_to_masks_equals_thresholded_upscaling(input_hw, img_size):
     from napari_sam._results import ImageEmbedding
     from napari_sam.predict import upscale_logits, upscale_to_masks
 
@@ -499,10 +505,12 @@ def test_upscale_to_masks_equals_thresholded_upscaling(input_hw, original_hw):
     low[0, 0, 100:140, 30:90] = 0.0  # exact zeros: not above the threshold
     low[1, 2] = -torch.rand(256, 256, generator=gen)  # an empty mask
     low[1, 1] = torch.rand(256, 256, generator=gen) + 0.1  # a full one
-    emb = ImageEmbedding(torch.zeros(1), original_hw, input_hw, 1024, "vit_b", "float32")
-    masks = upscale_to_masks(low, emb)
+    if img_size == 256:  # the demo model's factor 2: 128 x 128 logits
+        low = low[..., ::2, ::2].contiguous()
+    emb = ImageEmbedding(torch.zeros(1), input_hw, input_hw, img_size, "vit_b", "float32")
+    masks = upscale_to_masks(low, emb)  # factor img_size / 256: 4, 1 (plain path), 8
     expected = upscale_logits(low, emb) > 0
-    assert masks.dtype == torch.bool and masks.shape == (2, 3, *original_hw)
+    assert masks.dtype == torch.bool and masks.shape == (2, 3, *input_hw)
     assert torch.equal(masks, expected)
     assert not masks[1, 2].any() and masks[1, 1].all()
 

@@ -312,6 +312,12 @@ def upscale_logits(low_res_logits: torch.Tensor, embedding: ImageEmbedding) -> t
 
 # Above one mixed-sign quad in this many, upscaling everything is cheaper.
 _MIXED_SHARE = 8
+# Upscaling factor -> (integer dtype of that many bytes, all bytes 1).
+_WORDS = {
+    2: (torch.int16, 0x0101),
+    4: (torch.int32, 0x01010101),
+    8: (torch.int64, 0x0101010101010101),
+}
 
 
 def upscale_to_masks(
@@ -323,10 +329,11 @@ def upscale_to_masks(
     resized input: longest side ``img_size``), every full-resolution pixel
     is a convex combination of the four low-res logits around it, so where
     those four agree in sign (all above 0, or none) so does the pixel. Only
-    the 4 x 4 pixel blocks of low-res quads with mixed signs, along the mask
-    boundaries, are interpolated, with the bilinear weights of the 4x
-    upscaling. Equal to thresholding the upscaled logits up to float
-    rounding of values within about 1e-7 of 0 on those boundaries. Any other
+    the f x f pixel blocks of low-res quads with mixed signs, along the mask
+    boundaries, are interpolated, with the bilinear weights of the f-times
+    upscaling (f = 4 for SAM, 2 for the demo model; 2, 4 or 8 supported).
+    Equal to thresholding the upscaled logits up to float rounding of values
+    within about 1e-7 of 0 on those boundaries. Any other
     case, and ragged masks (more than one quad in eight mixed: the noise of
     random weights), take that path.
 
@@ -344,9 +351,10 @@ def upscale_to_masks(
     low = low_res_logits.float()
     size, (h, w) = embedding.img_size, embedding.input_hw
     side = low.shape[-1]
-    if threshold != 0 or embedding.original_hw != (h, w) or low.shape[-2] != side:
-        return upscale_logits(low, embedding) > threshold
-    if side * 4 != size:
+    f = size // side  # the upscaling factor (4 for SAM, 2 for the demo model)
+    word = _WORDS.get(f)
+    plain = threshold != 0 or embedding.original_hw != (h, w) or low.shape[-2] != side
+    if plain or word is None or f * side != size:
         return upscale_logits(low, embedding) > threshold
     with torch.inference_mode():
         # Quads between low-res rows/columns r and r + 1, for r = -1 .. L - 1 (edge
@@ -359,25 +367,26 @@ def upscale_to_masks(
         if int(mixed.sum()) > mixed.numel() // _MIXED_SHARE:  # ragged masks (noise)
             return upscale_logits(low, embedding) > threshold
         n, q = all_above.shape[:2]
-        # Each quad covers 4 x 4 output pixels (quad r starts at output row 4 r - 2).
-        # Written as int32 words of four bytes, one word a quad row: 0 or 0x01010101.
-        words = (all_above.to(torch.int32) * 0x01010101)[:, :, None, :]
-        words = words.expand(n, q, 4, q).reshape(n, 4 * q, q)
+        # Each quad covers f x f output pixels (quad r starts at output row f r - f / 2).
+        # Written as words of f bytes, one word a quad row: 0 or 0x0101...
+        dtype, ones = word
+        words = (all_above.to(dtype) * ones)[:, :, None, :]
+        words = words.expand(n, q, f, q).reshape(n, f * q, q)
         where = torch.nonzero(mixed)  # K x 3: (mask, quad row, quad column)
         if len(where):
             m, r, c = where.unbind(1)
             v00, v01 = padded[m, r, c], padded[m, r, c + 1]
             v10, v11 = padded[m, r + 1, c], padded[m, r + 1, c + 1]
-            a = torch.tensor([0.125, 0.375, 0.625, 0.875], device=low.device)
-            top = v00[:, None] * (1 - a) + v01[:, None] * a  # K x 4 (columns)
+            t = torch.arange(f, device=low.device)
+            a = (t + 0.5) / f  # the bilinear weight of the later row / column
+            top = v00[:, None] * (1 - a) + v01[:, None] * a  # K x f (columns)
             bottom = v10[:, None] * (1 - a) + v11[:, None] * a
             values = top[:, None, :] * (1 - a)[:, None] + bottom[:, None, :] * a[:, None]
-            packed = (values > 0).to(torch.uint8).view(torch.int32)[..., 0]  # K x 4 words
-            t = torch.arange(4, device=low.device)
-            flat = ((m * 4 * q + 4 * r)[:, None] + t) * q + c[:, None]  # K x 4
+            packed = (values > 0).to(torch.uint8).view(dtype)[..., 0]  # K x f words
+            flat = ((m * f * q + f * r)[:, None] + t) * q + c[:, None]  # K x f
             words.view(-1)[flat.flatten()] = packed.flatten()
-        masks = words.view(torch.bool).view(*low.shape[:2], 4 * q, 4 * q)
-    return masks[..., 2 : 2 + h, 2 : 2 + w]
+        masks = words.view(torch.bool).view(*low.shape[:2], f * q, f * q)
+    return masks[..., f // 2 : f // 2 + h, f // 2 : f // 2 + w]
 
 
 # --------------------------------------------------------------------------- #
