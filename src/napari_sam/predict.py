@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 # Torch-level functions (reused by automatic.py)
 # --------------------------------------------------------------------------- #
 # Per-image products of the factored mask decoder (models/_shared_image.py),
-# for the most recently decoded embeddings: about 10 image embeddings' worth
-# of memory each, so only a couple are kept (a session's other cached
+# for the most recently decoded embeddings: eleven image embeddings' worth of
+# memory each (ViT-B: 44 MiB in fp32), so only a couple are kept (a session's other cached
 # embeddings pay them again, once, on their next click).
 _IMAGE_WORK_SLOTS = 2
 _IMAGE_WORK: OrderedDict[tuple[int, torch.dtype], tuple[weakref.ref, SharedImageWork]] = (

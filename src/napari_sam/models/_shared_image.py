@@ -150,10 +150,6 @@ class FactoredKeys:
     levels: list[_Level]
     work: SharedImageWork
 
-    @property
-    def batch(self) -> int:
-        return self.levels[0].p.shape[0]
-
     def select(self, index: torch.Tensor) -> FactoredKeys:
         """The same keys for the prompts ``index`` only."""
         levels = [
