@@ -120,7 +120,7 @@ def generate_masks(
         Grid of ``points_per_side**2`` prompts on the whole image.
     points_per_batch : int
         Prompts per step (decode, filter, progress, cancel). On CPU the decoder
-        takes at most 16 of them per call at 1024 px, 8 in half precision
+        takes at most 8 of them per call at 1024 px, 4 in half precision
         (faster there, and far lighter). Results depend on neither.
     pred_iou_thresh : float
         Keep masks whose predicted IoU is above this (0 keeps all).
