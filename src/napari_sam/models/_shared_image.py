@@ -219,7 +219,7 @@ class FactoredKeys:
 
 def factored_transformer(
     transformer: TwoWayTransformer,
-    src: torch.Tensor,
+    src: Callable[[], torch.Tensor],
     image_pe: torch.Tensor,
     tokens: torch.Tensor,
     work: SharedImageWork,
@@ -230,13 +230,15 @@ def factored_transformer(
     ----------
     transformer : TwoWayTransformer
         Checked with :func:`can_factor` by the caller.
-    src : Tensor of shape (1, C, h, w)
-        Image tokens shared by every prompt (embedding plus the shared dense prompt).
+    src : callable
+        ``src()`` gives the image tokens shared by every prompt, ``1 x C x h x w``
+        (embedding plus the shared dense prompt); called only when ``work``
+        does not hold them yet.
     image_pe : Tensor of shape (1, C, h, w)
     tokens : Tensor of shape (B, T, C)
         Output and prompt tokens (also their positional encoding).
     work : SharedImageWork
-        Shared products for this ``src`` (validated by the caller).
+        Shared products for these tokens (validated by the caller).
 
     Returns
     -------
@@ -245,7 +247,7 @@ def factored_transformer(
     keys : FactoredKeys
         The image tokens after the last layer, for :meth:`FactoredKeys.project`.
     """
-    x = work.get("x", lambda: src.flatten(2).transpose(1, 2).contiguous())  # 1 x N x C
+    x = work.get("x", lambda: src().flatten(2).transpose(1, 2).contiguous())  # 1 x N x C
     pe = work.get("pe", lambda: image_pe.flatten(2).transpose(1, 2).contiguous())
     x_c = work.get("x_c", lambda: (x.float() - x.float().mean(-1, keepdim=True)).to(x.dtype))
     levels: list[_Level] = []

@@ -195,22 +195,24 @@ class MaskDecoder(nn.Module):
         count = self.num_multimask_outputs if multimask_output else 1
         chosen = range(first, first + count)
         if self.share_image_work and shared and image_embeddings.shape[0] == 1:
-            src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
             factor = can_factor(self.transformer, tokens.shape[1])
             if factor and (image_work is not None or batch > 1):
                 work = SharedImageWork() if image_work is None else image_work
                 work.check(work_token(self, (image_embeddings, dense[:1], image_pe)))
-                hs, fkeys = factored_transformer(self.transformer, src, image_pe, tokens, work)
+                hw = image_embeddings.shape[-2:]
+                hs, fkeys = factored_transformer(
+                    self.transformer, lambda: image_embeddings + dense[:1], image_pe, tokens, work
+                )
                 iou_pred = self.iou_prediction_head(hs[:, 0])[:, chosen]  # B x M
                 index = self._confident(iou_pred, iou_above)
                 if index is not None:
                     hs, fkeys = hs[index], fkeys.select(index)
                 if hs.shape[0] == 0:
-                    return hs.new_zeros(0, count, *(4 * n for n in src.shape[-2:])), iou_pred, index
+                    return hs.new_zeros(0, count, *(4 * n for n in hw)), iou_pred, index
                 up1 = work.get("up1 weights", self._up1_weights)
                 first_up = fkeys.project(*up1, "up1")  # S x hw x 4 C/4
-                masks = self._masks(hs, first_up, src.shape[-2:], chosen)
-                return masks, iou_pred, index
+                return self._masks(hs, first_up, hw, chosen), iou_pred, index
+            src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
         else:
             src = (image_embeddings + dense).expand(batch, -1, -1, -1)  # B x C x h x w
         hw = src.shape[-2:]
