@@ -255,12 +255,7 @@ def factored_transformer(
     queries, query_pe = tokens, tokens
     image: torch.Tensor | None = None  # the current level's normalised image tokens
     for i, layer in enumerate(transformer.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q, q, queries)
-        queries = layer.norm1(queries)
+        queries = layer.token_self_attention(queries, query_pe)
 
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if i == 0:

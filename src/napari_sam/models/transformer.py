@@ -349,6 +349,24 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm4 = nn.LayerNorm(embedding_dim)
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, rate)
 
+    def token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """The layer's first step: prompt-token self-attention, then ``norm1``.
+
+        Parameters
+        ----------
+        queries, query_pe : Tensor of shape (B, Nq, C)
+
+        Returns
+        -------
+        Tensor of shape (B, Nq, C)
+        """
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)
+        return self.norm1(queries)
+
     def forward(
         self,
         queries: torch.Tensor,
@@ -374,12 +392,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries : Tensor of shape (B, Nq, C)
         keys : Tensor of shape (B, Nk, C)
         """
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+        queries = self.token_self_attention(queries, query_pe)
 
         # Image tokens are many: their positional encoding goes in as k_pe /
         # q_pe (projected once when shared), never added to every prompt's copy.
