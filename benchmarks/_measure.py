@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmarks: wall time medians and peak RSS.
+"""Measurement helpers shared by the benchmarks: wall time medians, peak RSS, reports.
 
 Peak memory is the process's resident-set high-water mark (``VmHWM``) above
 the RSS just before the measured call; Linux lets a process reset its own
@@ -9,6 +9,7 @@ measured in the same process, one call at a time.
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -108,3 +109,11 @@ def alternate_all(calls: dict[str, Callable[[], object]], *, repeats: int) -> di
 
 def as_dict(summary: Summary) -> dict:
     return asdict(summary)
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write ``report`` as indented JSON to ``path`` (folders made as needed) and print it."""
+    text = json.dumps(report, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)

@@ -23,7 +23,6 @@ Writes JSON to ``benchmarks/results/agreement_<model>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _measure import write_report  # noqa: E402
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,10 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.pred_iou_thresh}, stability_score_thresh {args.stability_score_thresh}"
         ),
     }
-    out = args.out or HERE / "results" / f"agreement_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out or HERE / "results" / f"agreement_{args.model}.json")
     return report
 
 

@@ -42,6 +42,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _measure import write_report  # noqa: E402
+
 SETTINGS = {
     "default": {},
     "zero": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0},
@@ -297,9 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_minutes": round((time.time() - started) / 60, 1),
         "settings": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
     return report
 
 

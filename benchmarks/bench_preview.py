@@ -18,7 +18,6 @@ Writes JSON to ``benchmarks/results/preview_<model>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _measure import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "results": results,
     }
-    out = args.out or HERE / "results" / f"preview_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out or HERE / "results" / f"preview_{args.model}.json")
     return report
 
 
