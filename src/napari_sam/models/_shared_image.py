@@ -150,8 +150,8 @@ class FactoredKeys:
     levels: list[_Level]
     work: SharedImageWork
 
-    def select(self, index: torch.Tensor) -> FactoredKeys:
-        """The same keys for the prompts ``index`` only."""
+    def __getitem__(self, index: torch.Tensor) -> FactoredKeys:
+        """The same keys for the prompts ``index`` only (as ``keys[index]`` of a tensor)."""
         levels = [
             _Level(lv.p[index], lv.u[index], lv.rstd[index], lv.mean[index], lv.norm)
             for lv in self.levels

@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._shared_image import SharedImageWork, can_factor, factored_transformer, work_token
+from ._shared_image import (
+    FactoredKeys,
+    SharedImageWork,
+    can_factor,
+    factored_transformer,
+    work_token,
+)
 from .common import MLP, LayerNorm2d
 
 __all__ = ["MaskDecoder"]
@@ -194,40 +200,40 @@ class MaskDecoder(nn.Module):
         first = 1 if multimask_output else 0
         count = self.num_multimask_outputs if multimask_output else 1
         chosen = range(first, first + count)
+        hw = image_embeddings.shape[-2:]
+        keys: torch.Tensor | FactoredKeys
         if self.share_image_work and shared and image_embeddings.shape[0] == 1:
-            factor = can_factor(self.transformer, tokens.shape[1])
-            if factor and (image_work is not None or batch > 1):
+            if can_factor(self.transformer, tokens.shape[1]) and (
+                image_work is not None or batch > 1
+            ):
                 work = SharedImageWork() if image_work is None else image_work
                 work.check(work_token(self, (image_embeddings, dense[:1], image_pe)))
-                hw = image_embeddings.shape[-2:]
-                hs, fkeys = factored_transformer(
-                    self.transformer, lambda: image_embeddings + dense[:1], image_pe, tokens, work
+
+                def shared_src() -> torch.Tensor:  # made only when work lacks it
+                    return image_embeddings + dense[:1]
+
+                hs, keys = factored_transformer(
+                    self.transformer, shared_src, image_pe, tokens, work
                 )
-                iou_pred = self.iou_prediction_head(hs[:, 0])[:, chosen]  # B x M
-                index = self._confident(iou_pred, iou_above)
-                if index is not None:
-                    hs, fkeys = hs[index], fkeys.select(index)
-                if hs.shape[0] == 0:
-                    return hs.new_zeros(0, count, *(4 * n for n in hw)), iou_pred, index
-                up1 = work.get("up1 weights", self._up1_weights)
-                first_up = fkeys.project(*up1, "up1")  # S x hw x 4 C/4
-                return self._masks(hs, first_up, hw, chosen), iou_pred, index
-            src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
+            else:
+                src = image_embeddings + dense[:1]  # 1 x C x h x w, shared by every prompt
+                hs, keys = self.transformer(src, image_pe, tokens)
         else:
             src = (image_embeddings + dense).expand(batch, -1, -1, -1)  # B x C x h x w
-        hw = src.shape[-2:]
-
-        hs, keys = self.transformer(src, image_pe, tokens)  # B x (T+K) x C, (1|B) x hw x C
-        keys = keys.expand(batch, -1, -1)
+            hs, keys = self.transformer(src, image_pe, tokens)  # B x (T+K) x C, (1|B) x hw x C
+        if not isinstance(keys, FactoredKeys):
+            keys = keys.expand(batch, -1, -1)
         iou_pred = self.iou_prediction_head(hs[:, 0])[:, chosen]  # B x M
         index = self._confident(iou_pred, iou_above)
         if index is not None:
             hs, keys = hs[index], keys[index]
         if hs.shape[0] == 0:
             return hs.new_zeros(0, count, *(4 * n for n in hw)), iou_pred, index
-        first_up = _stride2_transposed_conv(keys, self.output_upscaling[0])  # S x hw x 4 x C/4
-        masks = self._masks(hs, first_up, hw, chosen)
-        return masks, iou_pred, index
+        if isinstance(keys, FactoredKeys):
+            first_up = keys.project(*keys.work.get("up1 weights", self._up1_weights), "up1")
+        else:
+            first_up = _stride2_transposed_conv(keys, self.output_upscaling[0])
+        return self._masks(hs, first_up, hw, chosen), iou_pred, index
 
     @staticmethod
     def _confident(iou_pred: torch.Tensor, iou_above: float | None) -> torch.Tensor | None:
