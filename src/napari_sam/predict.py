@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- #
 # Per-image products of the factored mask decoder (models/_shared_image.py),
 # for the most recently decoded embeddings: eleven image embeddings' worth of
-# memory each (ViT-B: 44 MiB in fp32), so only a couple are kept (a session's other cached
-# embeddings pay them again, once, on their next click).
+# memory each (ViT-B: 44 MiB in fp32), so only a couple are kept (a session's
+# other cached embeddings pay them again, once, on their next click).
 _IMAGE_WORK_SLOTS = 2
 _IMAGE_WORK: OrderedDict[tuple[int, torch.dtype], tuple[weakref.ref, SharedImageWork]] = (
     OrderedDict()
@@ -333,9 +333,9 @@ def upscale_to_masks(
     boundaries, are interpolated, with the bilinear weights of the f-times
     upscaling (f = 4 for SAM, 2 for the demo model; 2, 4 or 8 supported).
     Equal to thresholding the upscaled logits up to float rounding of values
-    within about 1e-7 of 0 on those boundaries. Any other
-    case, and ragged masks (more than one quad in eight mixed: the noise of
-    random weights), take that path.
+    within about 1e-7 of 0 on those boundaries. Any other case, and ragged
+    masks (more than one quad in eight mixed: the noise of random weights),
+    take that path.
 
     Parameters
     ----------

@@ -124,7 +124,8 @@ class Attention(nn.Module):
         (a strided matrix is a valid matmul operand), so the large key and
         value tensors are never copied into a heads-first layout, and keys
         shared by every prompt (batch 1) are never expanded to the batch.
-        Half precision takes :meth:`_few_queries_block_diagonal` instead.
+        Half precision takes :meth:`_few_queries_block_diagonal` instead, and
+        a single prompt one heads-first matmul (its copies are small).
 
         Parameters
         ----------
@@ -139,13 +140,13 @@ class Attention(nn.Module):
         batch, n_q, inner = qp.shape
         n_k = kp.shape[1]
         d = inner // self.num_heads
-        shared = kp.shape[0] == 1 and vp.shape[0] == 1
         if qp.dtype in _HALF:
             return self._few_queries_block_diagonal(qp, kp, vp)
         if batch == 1:  # one prompt: heads-first copies are small, one matmul beats 8
             qh, kh, vh = self._heads(qp), self._heads(kp), self._heads(vp)  # 1 x h x N x d
             probs = (qh @ kh.transpose(-1, -2) / math.sqrt(d)).softmax(dim=-1)
             return (probs @ vh).transpose(1, 2).reshape(1, n_q, inner)
+        shared = kp.shape[0] == 1 and vp.shape[0] == 1
         out = qp.new_empty(batch, n_q, inner)
         for head in range(self.num_heads):
             cols = slice(head * d, (head + 1) * d)
@@ -239,7 +240,7 @@ class Attention(nn.Module):
         if qp.dtype in _HALF:  # one full-width matmul (see _few_queries_block_diagonal)
             k_bd = _block_diagonal(kp, heads)  # (B or 1) x heads Nk x inner
             if qp.shape[0] == 1:
-                logits = (k_bd.reshape(-1, inner) @ qp[0].T).view(-1, heads, n_k, n_q)
+                logits = k_bd.reshape(-1, inner) @ qp[0].T  # (B heads Nk) x Nq
             else:
                 logits = torch.bmm(k_bd.expand(batch, -1, -1), qp.transpose(1, 2))
             logits = logits.view(batch, heads, n_k, n_q)
