@@ -530,9 +530,37 @@ def test_upscale_to_masks_falls_back_where_the_shortcut_does_not_hold(monkeypatc
     square = ImageEmbedding(torch.zeros(1), (1024, 1024), (1024, 1024), 1024, "vit_b", "float32")
     resized = ImageEmbedding(torch.zeros(1), (300, 300), (1024, 1024), 1024, "vit_b", "float32")
     predict.upscale_to_masks(smooth, square)
-    assert calls == []  # the shortcut
-    cases = [(ragged, square, 0.0), (smooth, resized, 0.0), (smooth, square, 0.5)]
+    predict.upscale_to_masks(ragged, square)
+    assert calls == []  # the sign-quad shortcut, then the row-by-row signs
+    cases = [(smooth, resized, 0.0), (smooth, square, 0.5)]
     for low, emb, threshold in cases:
         got = predict.upscale_to_masks(low, emb, threshold)
         assert torch.equal(got, real(low, emb) > threshold)
-    assert len(calls) == 3
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("input_hw", "img_size", "side"),
+    [
+        ((1024, 1024), 1024, 256),
+        ((1024, 700), 1024, 256),
+        ((637, 1024), 1024, 256),
+        ((256, 200), 256, 128),
+        ((1024, 1024), 1024, 128),
+        ((5, 1024), 1024, 256),
+    ],
+)
+def test_ragged_masks_equal_thresholded_upscaling(input_hw, img_size, side):
+    from napari_sam._results import ImageEmbedding
+    from napari_sam.predict import upscale_logits, upscale_to_masks
+
+    gen = torch.Generator().manual_seed(2)
+    low = torch.randn(2, 3, side, side, generator=gen)  # noise: most quads mixed
+    low[0, 1, 10:40, 20:90] = 0.0  # exact zeros are not above 0
+    low[1, 0] = torch.rand(side, side, generator=gen) + 0.1  # a full mask
+    emb = ImageEmbedding(torch.zeros(1), input_hw, input_hw, img_size, "vit_b", "float32")
+    masks = upscale_to_masks(low, emb)  # factors 4, 4, 4, 2, 8, 4
+    expected = upscale_logits(low, emb) > 0
+    assert masks.dtype == torch.bool and masks.shape == (2, 3, *input_hw)
+    assert torch.equal(masks, expected)
+    assert masks[1, 0].all() and 0.3 < masks[0, 0].float().mean() < 0.7

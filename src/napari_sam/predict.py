@@ -333,9 +333,10 @@ def upscale_to_masks(
     boundaries, are interpolated, with the bilinear weights of the f-times
     upscaling (f = 4 for SAM, 2 for the demo model; 2, 4 or 8 supported).
     Equal to thresholding the upscaled logits up to float rounding of values
-    within about 1e-7 of 0 on those boundaries. Any other case, and ragged
-    masks (more than one quad in eight mixed: the noise of random weights),
-    take that path.
+    within about 1e-7 of 0 on those boundaries. Ragged masks (more than one
+    quad in eight mixed: the noise of random weights) are upscaled along
+    columns and decided row by row (:func:`_upscaled_signs`); any other case
+    takes the plain path.
 
     Parameters
     ----------
@@ -365,7 +366,7 @@ def upscale_to_masks(
         all_above = corners[0] & corners[1] & corners[2] & corners[3]
         mixed = (corners[0] | corners[1] | corners[2] | corners[3]) & ~all_above
         if int(mixed.sum()) > mixed.numel() // _MIXED_SHARE:  # ragged masks (noise)
-            return upscale_logits(low, embedding) > threshold
+            return _upscaled_signs(low.flatten(0, 1), f, h, w).unflatten(0, low.shape[:2])
         n, q = all_above.shape[:2]
         # Each quad covers f x f output pixels (quad r starts at output row f r - f / 2).
         # Written as words of f bytes, one word a quad row: 0 or 0x0101...
@@ -387,6 +388,47 @@ def upscale_to_masks(
             words.view(-1)[flat.flatten()] = packed.flatten()
         masks = words.view(torch.bool).view(*low.shape[:2], f * q, f * q)
     return masks[..., f // 2 : f // 2 + h, f // 2 : f // 2 + w]
+
+
+def _upscaled_signs(low: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    """``upscaled > 0`` for the f-times bilinear upscaling of ``low``, cropped to ``h x w``.
+
+    Upscales the columns (``F.interpolate``), then decides every output row
+    of a low-res row group by one comparison with its middle row: row
+    ``f i + k`` is ``(1 - a) r_{i-1} + a r_i`` (or ``(1 - a) r_i + a r_{i+1}``)
+    with ``0 < a < 1``, positive exactly when ``r_i > c r_{i-1}`` (or
+    ``r_i > c r_{i+1}``), ``c = -(1 - a) / a``; rows ``k`` and ``f - 1 - k``
+    share ``c``. So half as many scalings as rows in a group, and bool outputs
+    written straight, instead of ``f x f`` float interpolations and a
+    threshold pass. Equal to thresholding the upscaled logits up to float
+    rounding of values within about 1e-7 of 0.
+
+    Parameters
+    ----------
+    low : Tensor of shape (N, L, L), float32
+    f : int
+        Even upscaling factor.
+    h, w : int
+        Crop of the ``f L x f L`` result (at most ``f L``).
+
+    Returns
+    -------
+    Tensor of shape (N, h, w), bool
+    """
+    n, side = low.shape[:2]
+    groups = -(-h // f)  # low-res row groups that reach the crop
+    wide = F.interpolate(low[:, None], size=(side, f * side), mode="bilinear", align_corners=False)
+    wide = wide[:, 0, : groups + 1, :w]
+    edges = [wide[:, :1], wide] + ([wide[:, -1:]] if groups == side else [])
+    rows = torch.cat(edges, dim=1)  # low-res rows -1 .. groups, edges replicated
+    middle = rows[:, 1 : groups + 1]
+    out = torch.empty(n, groups, f, w, dtype=torch.bool, device=low.device)
+    for k in range(f // 2):
+        a = (k + 0.5) / f + 0.5  # weight of the middle row in output rows k and f - 1 - k
+        scaled = rows * (-(1 - a) / a)
+        torch.gt(middle, scaled[:, :groups], out=out[:, :, k])
+        torch.gt(middle, scaled[:, 2 : groups + 2], out=out[:, :, f - 1 - k])
+    return out.view(n, groups * f, w)[:, :h]
 
 
 # --------------------------------------------------------------------------- #
