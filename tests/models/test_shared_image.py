@@ -82,6 +82,60 @@ def test_factored_decoder_equals_plain_decoder(depth, multimask, batch, with_wor
     torch.testing.assert_close(iou, plain_iou, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_attention_over_factors_equals_attention_over_formed_keys(batch):
+    decoder, prompt_encoder = _parts(3, heads=4)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(7))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, _ = _prompts(prompt_encoder, batch, 2, seed=8)
+    tokens = torch.cat(
+        [
+            torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(batch, -1, -1),
+            sparse,
+        ],
+        dim=1,
+    )
+    work = SharedImageWork()
+    src = features.flatten(2).transpose(1, 2)
+    pe_tokens = pe.flatten(2).transpose(1, 2)
+    queries, keys = _shared_image.factored_transformer(
+        decoder.transformer, lambda: features, pe, tokens, work
+    )
+    q = queries + tokens
+    eye = torch.eye(DIM)
+    for level, attn in [
+        (1, decoder.transformer.layers[1].cross_attn_token_to_image),
+        (2, decoder.transformer.layers[2].cross_attn_token_to_image),
+        (3, decoder.transformer.final_attn_token_to_image),
+    ]:
+        formed = keys.project(eye, None, "identity", level=level)  # B x N x C, each prompt
+        assert formed.shape == (batch, src.shape[1], DIM)
+        expected = attn._few_queries(
+            attn.q_proj(q), attn.k_proj(formed + pe_tokens), attn.v_proj(formed)
+        )
+        got = keys.attend(attn, q, pe_tokens, f"attn{level}", level=level)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale)
+
+
+@torch.no_grad()
+def test_half_precision_factored_decoder_forms_keys_and_stays_close():
+    decoder, prompt_encoder = _parts(2)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(10))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(prompt_encoder, 4, 2, seed=11)
+    full, _ = _plain(decoder, features, pe, sparse, dense, True)
+    half = decoder.to(torch.bfloat16)
+    args = [t.to(torch.bfloat16) for t in (features, pe, sparse, dense)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_shared_image.FactoredKeys, "attend", None)  # not used in half precision
+        masks, _, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
+    assert masks.dtype == torch.bfloat16
+    err = float((masks.float() - full).abs().max()) / float(full.abs().max())
+    assert err < 0.05, err
+
+
 @torch.no_grad()
 def test_factored_selection_and_reuse_across_calls():
     decoder, prompt_encoder = _parts(2)

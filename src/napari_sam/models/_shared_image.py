@@ -28,11 +28,15 @@ tokens then costs ``4096 x R`` multiply-adds per output channel with
 ``R = 56`` instead of 256. The same sums in another order: equal to the
 direct arithmetic up to float rounding. Each level's tokens are still
 materialised once (a residual needs them), and its norm gives their
-statistics.
+statistics. In float32 the token-to-image attentions after the first layer
+never form their keys and values either (:meth:`FactoredKeys.attend`): the
+queries are contracted with each factor first, and the values' factors are
+summed with the attention weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from .transformer import _HALF, Attention, TwoWayAttentionBlock, TwoWayTransformer, _block_diagonal
 
 __all__ = ["FactoredKeys", "SharedImageWork", "can_factor", "factored_transformer"]
 
@@ -216,6 +220,155 @@ class FactoredKeys:
         out = self._centred_product(level, scaled, key).mul_(lv.rstd).add_(const)
         return out if added is None else out.add_(added)
 
+    def attend(
+        self, attn: Attention, q: torch.Tensor, pe: torch.Tensor, name: str, *, level: int
+    ) -> torch.Tensor:
+        """Prompt tokens attending to this level's image tokens; keys and values never formed.
+
+        Equals ``attn._few_queries(attn.q_proj(q), attn.k_proj(keys + pe),
+        attn.v_proj(keys))`` (``keys``: this level's tokens): each head's
+        logits are its queries dotted with the factors of its keys (the
+        shared product, the per-token scalings and the ``P (U W^T)`` terms of
+        :meth:`_centred_product`, every one contracted with the queries
+        first), and its output the probability-weighted sums of the factors
+        of its values. Per prompt that is a few ``N x R`` by ``R x heads
+        tokens`` products instead of two ``N x R`` by ``R x inner`` ones and
+        the ``N x inner`` keys and values they would fill.
+
+        Parameters
+        ----------
+        attn : Attention
+            A token-to-image attention.
+        q : Tensor of shape (B, T, C)
+            Prompt tokens plus their positional encoding.
+        pe : Tensor of shape (1, N, C)
+            The image tokens' positional encoding (added to the keys).
+        name : str
+            Names ``attn`` for the shared-product cache.
+        level : int
+            Which layer's output the keys are (1-based).
+
+        Returns
+        -------
+        Tensor of shape (B, T, inner)
+            The head outputs side by side, before ``out_proj``.
+        """
+        lv = self.levels[level - 1]
+        qp = attn.q_proj(q)
+        batch, n_q, inner = qp.shape
+        heads, n = attn.num_heads, lv.p.shape[1]
+        d = inner // heads
+        qs = qp * (1.0 / math.sqrt(d))
+        q_bd = _block_diagonal(qs, heads)  # B x heads T x inner
+        q_heads = qs.view(batch, n_q, heads, d).permute(2, 0, 1, 3).reshape(heads, -1, d)
+        g, b = lv.norm.weight, lv.norm.bias
+        key = (name, level)
+        k, v = attn.k_proj, attn.v_proj
+        w_k = self.work.get((*key, "k weight"), lambda: k.weight * g)
+        c_k = self.work.get((*key, "k const"), lambda: torch.addmv(k.bias, k.weight, b))
+        w_v = self.work.get((*key, "v weight"), lambda: v.weight * g)
+        c_v = self.work.get((*key, "v const"), lambda: torch.addmv(v.bias, v.weight, b))
+        pe_k = self.work.get(  # heads x d x N
+            (*key, "k pe"),
+            lambda: _heads_first(pe @ k.weight.T, heads).transpose(1, 2).contiguous(),
+        )
+        rstd = lv.rstd.view(1, batch, 1, n)
+        logits = self._dot(level, w_k, (*key, "k"), q_heads, q_bd)  # heads x B T x N
+        logits.view(heads, batch, n_q, n).mul_(rstd).add_(_rows_first(q_bd @ c_k, heads))
+        probs = logits.baddbmm_(q_heads, pe_k).softmax(dim=-1)
+        probs.view(heads, batch, n_q, n).mul_(rstd)  # v = r (W' (y - mean)) + c_v, sum p = 1
+        return self._weighted(level, w_v, (*key, "v"), probs).add_(c_v)
+
+    def _dot(
+        self,
+        level: int,
+        weight: torch.Tensor,
+        name: tuple,
+        q_heads: torch.Tensor,
+        q_bd: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each head's queries dotted with its rows of ``weight (y_level - mean)``.
+
+        The terms of :meth:`_centred_product`, each contracted with the
+        queries before it meets the image tokens. ``weight`` is ``inner x C``
+        (head ``h``'s rows ``h d .. (h + 1) d``); ``q_heads`` the queries
+        ``heads x B T x d``, ``q_bd`` the same block-diagonal
+        (``B x heads T x inner``). Returns ``heads x B T x N``.
+        """
+        lv = self.levels[level - 1]
+        heads, batch, n = q_heads.shape[0], q_bd.shape[0], lv.p.shape[1]
+        n_q = q_heads.shape[1] // batch
+        if level == 1:
+            shared = self.work.get(  # heads x d x N
+                (*name, "shared"),
+                lambda: _heads_first(self.x_c @ weight.T, heads).transpose(1, 2).contiguous(),
+            )
+            out = torch.bmm(q_heads, shared)
+        else:
+            prev = self.levels[level - 2]
+            inner_name = (*name, "g")
+            scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
+            shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+            out = self._dot(level - 1, scaled, inner_name, q_heads, q_bd)
+            out.view(heads, batch, n_q, n).mul_(prev.rstd.view(1, batch, 1, n)).add_(
+                _rows_first(q_bd @ shift, heads)
+            )
+        ones = self.work.get((*name, "ones"), lambda: weight.sum(dim=1))
+        low_rank = (lv.u @ weight.T) @ q_bd.transpose(1, 2)  # B x R x heads T
+        terms = torch.bmm(low_rank.transpose(1, 2), lv.p.transpose(1, 2))  # B x heads T x N
+        out4 = out.view(heads, batch, n_q, n)
+        out4.add_(terms.view(batch, heads, n_q, n).transpose(0, 1))
+        means = lv.mean.view(1, batch, 1, n)
+        return out4.addcmul_(_rows_first(q_bd @ ones, heads), means, value=-1).view_as(out)
+
+    def _weighted(
+        self, level: int, weight: torch.Tensor, name: tuple, w: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_j w[h, b t, j] (weight (y_level - mean))[b, j, head h's rows]``: ``B x T x inner``.
+
+        ``w`` is ``heads x B T x N`` (each head's attention weights, read
+        only); the terms of :meth:`_centred_product` are summed over the
+        image tokens one by one.
+        """
+        lv = self.levels[level - 1]
+        heads, bt, n = w.shape
+        batch, inner = lv.p.shape[0], weight.shape[0]
+        n_q, d = bt // batch, inner // heads
+        by_prompt = w.view(heads, batch, n_q, n).transpose(0, 1).reshape(batch, heads * n_q, n)
+        full = torch.bmm(by_prompt, lv.p) @ (lv.u @ weight.T)  # B x heads T x inner
+        ones = self.work.get((*name, "ones"), lambda: weight.sum(dim=1))
+        full.addcmul_(torch.bmm(by_prompt, lv.mean), ones, value=-1)
+        own = torch.diagonal(full.view(batch, heads, n_q, heads, d), dim1=1, dim2=3)
+        own = own.permute(0, 1, 3, 2).reshape(batch, n_q, inner)  # each head's own columns
+        per_head = own.view(batch, n_q, heads, d)
+        if level == 1:
+            shared = self.work.get(  # heads x N x d
+                (*name, "shared"), lambda: _heads_first(self.x_c @ weight.T, heads)
+            )
+            per_head.add_(torch.bmm(w, shared).view(heads, batch, n_q, d).permute(1, 2, 0, 3))
+            return own
+        prev = self.levels[level - 2]
+        inner_name = (*name, "g")
+        scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
+        shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+        scaled_w = (w.view(heads, batch, n_q, n) * prev.rstd.view(1, batch, 1, n)).view_as(w)
+        own.add_(self._weighted(level - 1, scaled, inner_name, scaled_w))
+        total = w.sum(dim=-1).view(heads, batch, n_q, 1).permute(1, 2, 0, 3)  # B x T x heads x 1
+        per_head.addcmul_(total, shift.view(heads, d))
+        return own
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``1 x N x inner`` -> ``heads x N x inner / heads`` (contiguous)."""
+    n, inner = x.shape[-2:]
+    return x.reshape(n, heads, inner // heads).transpose(0, 1).contiguous()
+
+
+def _rows_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``B x heads T`` (block-diagonal rows) -> ``heads x B x T x 1``, to broadcast over tokens."""
+    batch = x.shape[0]
+    return x.view(batch, heads, -1).transpose(0, 1)[..., None]
+
 
 def factored_transformer(
     transformer: TwoWayTransformer,
@@ -252,21 +405,27 @@ def factored_transformer(
     x_c = work.get("x_c", lambda: (x.float() - x.float().mean(-1, keepdim=True)).to(x.dtype))
     levels: list[_Level] = []
     keys = FactoredKeys(x_c, levels, work)
+    # float32: attention over the factors (FactoredKeys.attend); half precision forms the
+    # keys and values (its few-row matmuls per head cost far more than their arithmetic)
+    direct = x.dtype not in _HALF
     queries, query_pe = tokens, tokens
     image: torch.Tensor | None = None  # the current level's normalised image tokens
     for i, layer in enumerate(transformer.layers):
         queries = layer.token_self_attention(queries, query_pe)
 
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        q = queries + query_pe
+        inner = t2i.internal_dim
         if i == 0:
             kv = work.get(("kv", 0), lambda l=layer: _shared_kv(l, x, pe))
             q_img = work.get(("q", 0), lambda l=layer: _shared_q(l, x, pe))
+            attended = t2i._few_queries(t2i.q_proj(q), kv[..., :inner], kv[..., inner:])
+        elif direct:
+            attended = keys.attend(t2i, q, pe, f"layer{i}", level=i)
+            q_img = _level_queries(keys, layer, pe, i)
         else:
             kv, q_img = _level_projections(keys, layer, pe, i)
-        inner = t2i.internal_dim
-        q = queries + query_pe
-        qp = t2i.q_proj(q)
-        attended = t2i._few_queries(qp, kv[..., :inner], kv[..., inner:])
+            attended = t2i._few_queries(t2i.q_proj(q), kv[..., :inner], kv[..., inner:])
         queries = layer.norm2(queries + t2i.out_proj(attended))
         queries = layer.norm3(queries + layer.mlp(queries))
 
@@ -285,11 +444,13 @@ def factored_transformer(
         del y
 
     final = transformer.final_attn_token_to_image
-    kv = _final_projections(keys, final, pe)
     q = queries + query_pe
-    qp = final.q_proj(q)
-    inner = final.internal_dim
-    attended = final._few_queries(qp, kv[..., :inner], kv[..., inner:])
+    if direct:
+        attended = keys.attend(final, q, pe, "final", level=len(levels))
+    else:
+        kv = _final_projections(keys, final, pe)
+        inner = final.internal_dim
+        attended = final._few_queries(final.q_proj(q), kv[..., :inner], kv[..., inner:])
     queries = transformer.norm_final_attn(queries + final.out_proj(attended))
     return queries, keys
 
@@ -323,6 +484,15 @@ def _level_projections(
     added = keys.work.get(("pe", i), pe_term)
     out = keys.project(weight, bias, f"layer{i}", level=i, added=added)
     return out[..., : 2 * inner], out[..., 2 * inner :]
+
+
+def _level_queries(
+    keys: FactoredKeys, layer: TwoWayAttentionBlock, pe: torch.Tensor, i: int
+) -> torch.Tensor:
+    """Layer ``i``'s image-to-token queries of every prompt: ``B x N x inner``."""
+    q_proj = layer.cross_attn_image_to_token.q_proj
+    added = keys.work.get(("q pe", i), lambda: pe @ q_proj.weight.T)
+    return keys.project(q_proj.weight, q_proj.bias, f"layer{i} q", level=i, added=added)
 
 
 def _final_projections(keys: FactoredKeys, final: Attention, pe: torch.Tensor) -> torch.Tensor:
