@@ -36,6 +36,7 @@ summed with the attention weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,10 +96,22 @@ def work_token(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
     """
     sums = []
     for t in inputs:
-        at = torch.linspace(0, t.numel() - 1, 1024, device=t.device).long()
-        sample = t[torch.unravel_index(at, t.shape)]  # gathers; no copy of a broadcast view
+        for dim in range(t.ndim):  # a broadcast axis repeats its first slice
+            if t.stride(dim) == 0 and t.shape[dim] > 1:
+                t = t.narrow(dim, 0, 1)
+        at = _sample_at(t.numel(), t.device)
+        if t.is_contiguous():
+            sample = t.view(-1)[at]
+        else:
+            sample = t[torch.unravel_index(at, t.shape)]  # gathers without a copy of t
         sums.append(float(sample.float().sum()))
     return (_version_token(*module.parameters()), _version_token(*inputs), tuple(sums))
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_at(numel: int, device: torch.device) -> torch.Tensor:
+    """About a thousand evenly spread flat indices into ``numel`` values."""
+    return torch.linspace(0, numel - 1, 1024, device=device).long()
 
 
 def can_factor(transformer: nn.Module, n_tokens: int) -> bool:
