@@ -393,7 +393,7 @@ def upscale_to_masks(
 def _upscaled_signs(low: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
     """``upscaled > 0`` for the f-times bilinear upscaling of ``low``, cropped to ``h x w``.
 
-    Upscales the columns (``F.interpolate``), then decides every output row
+    Upscales the rows (1-D ``F.interpolate``), then decides every output row
     of a low-res row group by one comparison with its middle row: row
     ``f i + k`` is ``(1 - a) r_{i-1} + a r_i`` (or ``(1 - a) r_i + a r_{i+1}``)
     with ``0 < a < 1``, positive exactly when ``r_i > c r_{i-1}`` (or
@@ -417,8 +417,9 @@ def _upscaled_signs(low: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
     """
     n, side = low.shape[:2]
     groups = -(-h // f)  # low-res row groups that reach the crop
-    wide = F.interpolate(low[:, None], size=(side, f * side), mode="bilinear", align_corners=False)
-    wide = wide[:, 0, : groups + 1, :w]
+    rows_in = low[:, : groups + 1].reshape(-1, 1, side)  # 1-D: far faster than a 2-D resize
+    wide = F.interpolate(rows_in, size=f * side, mode="linear", align_corners=False)
+    wide = wide.view(n, -1, f * side)[..., :w]
     edges = [wide[:, :1], wide] + ([wide[:, -1:]] if groups == side else [])
     rows = torch.cat(edges, dim=1)  # low-res rows -1 .. groups, edges replicated
     middle = rows[:, 1 : groups + 1]
