@@ -236,12 +236,18 @@ def decode_low_res(
 
 
 def _cast_broadcast(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast ``B x C x h x w`` to ``dtype``, keeping a batch broadcast (stride 0) a broadcast."""
+    """Cast ``B x C x h x w`` to ``dtype``, keeping broadcast axes (stride 0) broadcast.
+
+    The dense embedding of "no mask" is one vector broadcast over the batch and
+    the image; cast as it lies it would fill ``C x h x w`` values per call.
+    """
     if dense.dtype == dtype:
         return dense
-    if dense.shape[0] > 1 and dense.stride(0) == 0:
-        return dense[:1].to(dtype).expand_as(dense)
-    return dense.to(dtype)
+    compact = dense
+    for dim in range(dense.ndim):
+        if dense.stride(dim) == 0 and dense.shape[dim] > 1:
+            compact = compact.narrow(dim, 0, 1)
+    return compact.to(dtype).expand_as(dense)
 
 
 def _check_batch_shapes(

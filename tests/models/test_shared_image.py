@@ -119,19 +119,29 @@ def test_attention_over_factors_equals_attention_over_formed_keys(batch):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale)
 
 
+@pytest.mark.parametrize(("batch", "attends"), [(1, False), (4, True)])
 @torch.no_grad()
-def test_half_precision_factored_decoder_forms_keys_and_stays_close():
+def test_half_precision_factored_decoder_stays_close(batch, attends):
     decoder, prompt_encoder = _parts(2)
     features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(10))
     pe = prompt_encoder.get_dense_pe()
-    sparse, dense = _prompts(prompt_encoder, 4, 2, seed=11)
+    sparse, dense = _prompts(prompt_encoder, batch, 2, seed=11)
     full, _ = _plain(decoder, features, pe, sparse, dense, True)
     half = decoder.to(torch.bfloat16)
-    args = [t.to(torch.bfloat16) for t in (features, pe, sparse, dense)]
+    args = [t.to(torch.bfloat16) for t in (features, pe, sparse)]
+    args.append(dense[:1].to(torch.bfloat16).expand_as(dense))  # shared, as the encoder gives it
+    calls = []
+    real = _shared_image.FactoredKeys.attend
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_shared_image.FactoredKeys, "attend", None)  # not used in half precision
+        patch.setattr(_shared_image.FactoredKeys, "attend", spy)
         masks, _, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
     assert masks.dtype == torch.bfloat16
+    assert bool(calls) == attends  # one half-precision prompt forms its keys and values
     err = float((masks.float() - full).abs().max()) / float(full.abs().max())
     assert err < 0.05, err
 
@@ -237,3 +247,38 @@ def test_decode_low_res_reuses_products_for_clicks_not_for_mask_prompts(tiny_mod
         **args,
     )
     assert len(predict._IMAGE_WORK) == 0  # a mask prompt changes the image side every time
+
+
+@pytest.mark.parametrize("precision", ["exact", "bf16"])
+def test_later_clicks_reuse_every_shared_product(demo_model, monkeypatch, precision):
+    """The work survives its check on the next click, also where inputs are cast per call."""
+    import napari_sam.predict as predict
+
+    monkeypatch.setattr(predict, "_IMAGE_WORK", type(predict._IMAGE_WORK)())
+    image = (np.random.default_rng(1).random((60, 50, 3)) * 255).astype("uint8")
+    emb = predict.encode_image(demo_model, image, precision=precision)
+    builds: list[object] = []
+    real = SharedImageWork.get
+
+    def counting(self, key, build):
+        return real(self, key, lambda: builds.append(key) or build())
+
+    monkeypatch.setattr(SharedImageWork, "get", counting)
+    made = []
+    for xy in ([20.0, 30.0], [10.0, 40.0], [35.0, 5.0]):
+        predict.decode_low_res(
+            demo_model,
+            emb,
+            points_xy=torch.tensor([[xy]]),
+            point_labels=torch.tensor([[1]]),
+            boxes_xyxy=None,
+            mask_input=None,
+            multimask=True,
+        )
+        made.append(len(builds))
+    assert made[0] > 0 and made[1] == made[2] == made[0]  # all on the first click, none after
+    ((_, work),) = predict._IMAGE_WORK.values()
+    dtypes = {
+        v.dtype for v in work.products.values() if torch.is_tensor(v) and v.is_floating_point()
+    }
+    assert dtypes == {emb.features.dtype}
