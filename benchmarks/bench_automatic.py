@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "machine": platform.processor() or platform.machine(),
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "wall_minutes": round((time.time() - started) / 60, 1),
