@@ -59,6 +59,12 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp16", action="store_true", help="store the final file in float16")
+    p.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="freeze the image encoder (embeddings cached once, no augmentation): "
+        "a fast polish of the prompt encoder and mask decoder",
+    )
     return p.parse_args()
 
 
@@ -127,7 +133,7 @@ def main() -> None:
         model,
         [s.image for s in train],
         [s.labels for s in train],
-        train_encoder=True,
+        train_encoder=not args.decoder_only,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
