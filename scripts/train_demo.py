@@ -58,6 +58,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=60.0, help="wall-time budget")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda)")
     p.add_argument("--fp16", action="store_true", help="store the final file in float16")
     p.add_argument(
         "--decoder-only",
@@ -137,6 +138,7 @@ def main() -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        device=args.device,
         checkpoint_path=args.out,
         recipe=recipe,
         validation=([s.image for s in val], [s.labels for s in val]),

@@ -295,11 +295,11 @@ def test_evaluate_reports_small_and_large_objects(data):
 # The shipped demo model
 # --------------------------------------------------------------------------- #
 # Quality of the shipped demo model on held-out synthetic images (dataset seed
-# 2, never trained on), a little below what it measured: one click 0.617, box
-# 0.711, three corrective clicks 0.668 on these 24 images (docs/demo-model.md).
+# 2, never trained on), a little below what it measured: one click 0.636, box
+# 0.736, three corrective clicks 0.686 on these 24 images (docs/demo-model.md).
 # The targets (0.85, 0.88) are not met by this checkpoint.
-DEMO_ONE_CLICK_MIN = 0.58
-DEMO_BOX_MIN = 0.67
+DEMO_ONE_CLICK_MIN = 0.60
+DEMO_BOX_MIN = 0.70
 NEEDS_DEMO = pytest.mark.skipif(
     not DEMO_CHECKPOINT.is_file(),
     reason="no demo checkpoint in this build: train it with scripts/train_demo.py",
@@ -336,7 +336,7 @@ def test_demo_model_segments_held_out_objects(demo_model, held_out):
     assert overall.one_click_iou >= DEMO_ONE_CLICK_MIN, overall
     assert overall.box_iou >= DEMO_BOX_MIN, overall
     assert overall.corrective_iou[-1] > overall.one_click_iou, overall
-    assert result.large.box_iou >= 0.84, result.large  # large objects: 0.877 measured
+    assert result.large.box_iou >= 0.85, result.large  # large objects: 0.888 measured
 
 
 @NEEDS_DEMO

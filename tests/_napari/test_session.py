@@ -132,6 +132,23 @@ def test_nothing_to_commit_and_clear(session):
     assert session.labels_layer is None
 
 
+def test_an_empty_mask_is_not_committed(session, monkeypatch):
+    import dataclasses
+
+    from napari_sam._napari import session as session_module
+
+    messages = []
+    monkeypatch.setattr(session_module, "show_info", messages.append)
+    _add_point(session, 1, 20, 30)
+    result = session.result
+    empty = dataclasses.replace(result.prediction, masks=np.zeros_like(result.prediction.masks))
+    session.result = dataclasses.replace(result, prediction=empty)
+    assert session.commit() is None
+    assert "the mask is empty" in messages[-1]
+    assert session.labels_layer is None  # no layer made, no id spent
+    assert len(session.points_layer.data) == 1  # the prompt stays for another try
+
+
 def test_other_slices_and_outside_points_ignored(session, capsys):
     _add_point(session, 0, 20, 30)  # slice 0; slice 1 is on screen
     assert session.result is None

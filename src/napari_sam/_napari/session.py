@@ -446,12 +446,20 @@ class SamSession:
     ) -> CommitResult | None:
         """Write the preview into the target labels (one undo step), then clear the prompts.
 
-        Returns None (and says so) when there is nothing to commit.
+        Returns None (and says so) when there is nothing to commit: no
+        prompts, or only empty masks (no label id is spent on those; the
+        prompts stay for another try).
         """
         result = self.result
         plane = self.current_plane()
         if result is None or plane is None or result.key != self.embeddings.key(self._image, plane):
             show_info("Nothing to commit: add points or boxes first")
+            return None
+        if not any(mask.any() for mask in result.masks):
+            show_info(
+                "Nothing to commit: the mask is empty. Try another point or a box, "
+                "or widen the contrast limits if the image looks dark"
+            )
             return None
         out = commit_masks(
             self.layers.ensure_labels(self._image),
