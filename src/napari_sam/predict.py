@@ -37,7 +37,7 @@ from .image import (
     prepare_image,
     to_model_input,
 )
-from .models._shared_image import SharedImageWork
+from .models._shared_image import SharedImageWork, broadcast_source
 from .precision import cached_for, cast_module, compiled_module, resolve_precision
 from .prompts import validate_prompts
 
@@ -243,11 +243,7 @@ def _cast_broadcast(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if dense.dtype == dtype:
         return dense
-    compact = dense
-    for dim in range(dense.ndim):
-        if dense.stride(dim) == 0 and dense.shape[dim] > 1:
-            compact = compact.narrow(dim, 0, 1)
-    return compact.to(dtype).expand_as(dense)
+    return broadcast_source(dense).to(dtype).expand_as(dense)
 
 
 def _check_batch_shapes(
@@ -341,7 +337,7 @@ def upscale_to_masks(
     Equal to thresholding the upscaled logits up to float rounding of values
     within about 1e-7 of 0 on those boundaries. Ragged masks (more than one
     quad in eight mixed: the noise of random weights) are upscaled along
-    columns and decided row by row (:func:`_upscaled_signs`); any other case
+    the rows and decided row by row (:func:`_upscaled_signs`); any other case
     takes the plain path.
 
     Parameters

@@ -100,10 +100,7 @@ def work_token(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
     """
     parts = []
     for t in inputs:
-        compact = t
-        for dim in range(t.ndim):  # a broadcast axis repeats its first slice
-            if t.stride(dim) == 0 and t.shape[dim] > 1:
-                compact = compact.narrow(dim, 0, 1)
+        compact = broadcast_source(t)
         if compact.numel() <= _SAMPLE:
             values = tuple(compact.float().flatten().tolist())
             parts.append((t.dtype, tuple(t.shape), tuple(compact.shape), values))
@@ -118,6 +115,18 @@ def work_token(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
 
 
 _SAMPLE = 1024
+
+
+def broadcast_source(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every broadcast axis (stride 0, size > 1) narrowed to its one slice.
+
+    ``broadcast_source(t).expand_as(t)`` is ``t``; the values it repeats are
+    read (or cast) once.
+    """
+    for dim in range(t.ndim):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
 
 
 @functools.lru_cache(maxsize=16)
