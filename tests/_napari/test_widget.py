@@ -345,3 +345,18 @@ def test_precision_combo_recomputes_and_shows_the_precision(opened, qtbot):
     _ready(widget, qtbot)
     assert sam.embeddings.get(image, sam.current_plane()).precision == "bf16"
     assert "Embedding ready (bf16)" in widget.status.text()
+
+
+def test_an_empty_preview_says_why_in_the_status(opened):
+    import dataclasses
+
+    _, _, widget = opened
+    sam = widget.session
+    _add_point(sam, 1, 20, 30)
+    assert "predicted IoU" in widget.status.text()
+    result = sam.result
+    empty = dataclasses.replace(result.prediction, masks=np.zeros_like(result.prediction.masks))
+    sam._set_result(dataclasses.replace(result, prediction=empty))
+    assert sam.result.is_empty
+    assert "mask is empty" in widget.status.text() and "contrast limits" in widget.status.text()
+    assert sam.commit() is None and sam.labels_layer is None

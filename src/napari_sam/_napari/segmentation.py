@@ -68,6 +68,11 @@ class Segmentation:
         return [self.prediction.masks[b, m] for b, m in enumerate(self.selected)]
 
     @property
+    def is_empty(self) -> bool:
+        """Whether every chosen mask is empty (nothing to show or commit)."""
+        return not any(mask.any() for mask in self.masks)
+
+    @property
     def iou_scores(self) -> np.ndarray:
         """ndarray of shape (B, M), float32: predicted IoU of every candidate."""
         return self.prediction.iou_scores

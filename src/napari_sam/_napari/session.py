@@ -54,6 +54,12 @@ def _unwrap(viewer):
     return getattr(viewer, "__wrapped__", viewer)
 
 
+EMPTY_MASK_HINT = (
+    "the mask is empty. Try another point or a box, "
+    "or widen the contrast limits if the image looks dark"
+)
+
+
 class SamSession:
     """Interactive SAM state for one viewer.
 
@@ -455,11 +461,8 @@ class SamSession:
         if result is None or plane is None or result.key != self.embeddings.key(self._image, plane):
             show_info("Nothing to commit: add points or boxes first")
             return None
-        if not any(mask.any() for mask in result.masks):
-            show_info(
-                "Nothing to commit: the mask is empty. Try another point or a box, "
-                "or widen the contrast limits if the image looks dark"
-            )
+        if result.is_empty:
+            show_info(f"Nothing to commit: {EMPTY_MASK_HINT}")
             return None
         out = commit_masks(
             self.layers.ensure_labels(self._image),

@@ -31,7 +31,7 @@ from napari_sam.precision import PRECISIONS
 from ._keys import KEYS, NEGATIVE_MODIFIER
 from .layers import POSITIVE
 from .models import DEVICES, describe_source, model_entries
-from .session import SamSession
+from .session import EMPTY_MASK_HINT, SamSession
 
 _FILE_ITEM = "Checkpoint file…"
 _NEW_LABELS = "New layer (on first commit)"
@@ -315,7 +315,10 @@ class SamWidget(QWidget):
             else:
                 button.setText(_CANDIDATES[i])
         self.next_mask_button.setEnabled(ambiguous)
-        if result is not None:
+        if result is not None and result.is_empty:
+            self.status.setStyleSheet("color: #ffb060;")
+            self.status.setText(EMPTY_MASK_HINT[0].upper() + EMPTY_MASK_HINT[1:] + ".")
+        elif result is not None:
             scores = ", ".join(
                 f"{result.iou_scores[b, m]:.2f}" for b, m in enumerate(result.selected)
             )
