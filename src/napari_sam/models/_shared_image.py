@@ -213,13 +213,24 @@ class FactoredKeys:
             base = self.work.get(name, lambda: self.x_c @ weight.T)  # 1 x N x out
             base = base.expand(h.shape[0], -1, -1)
         else:
-            prev = self.levels[level - 2]
-            inner_name = (*name, "g")
-            scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
-            shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+            prev, inner_name, scaled, shift = self._through_norm(level, weight, name)
             base = self._centred_product(level - 1, scaled, inner_name)
             base = base.mul_(prev.rstd).add_(shift)
         return torch.baddbmm(base, lv.p, h).addcmul_(lv.mean, ones, value=-1)
+
+    def _through_norm(
+        self, level: int, weight: torch.Tensor, name: tuple
+    ) -> tuple[_Level, tuple, torch.Tensor, torch.Tensor]:
+        """Level ``level - 1`` and ``weight`` pushed through its norm (``level > 1``).
+
+        ``W keys_{l-1} = r W diag(g) (y - mean) + W b``: returns that level,
+        the cache name of ``W diag(g)``, ``W diag(g)`` and ``W b`` (cached).
+        """
+        prev = self.levels[level - 2]
+        inner_name = (*name, "g")
+        scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
+        shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+        return prev, inner_name, scaled, shift
 
     def project(
         self,
@@ -339,10 +350,7 @@ class FactoredKeys:
             )
             out = torch.bmm(q_heads, shared)
         else:
-            prev = self.levels[level - 2]
-            inner_name = (*name, "g")
-            scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
-            shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+            prev, inner_name, scaled, shift = self._through_norm(level, weight, name)
             out = self._dot(level - 1, scaled, inner_name, q_heads, q_bd)
             out.view(heads, batch, n_q, n).mul_(prev.rstd.view(1, batch, 1, n)).add_(
                 _rows_first(q_bd @ shift, heads)
@@ -381,10 +389,7 @@ class FactoredKeys:
             )
             per_head.add_(torch.bmm(w, shared).view(heads, batch, n_q, d).permute(1, 2, 0, 3))
             return own
-        prev = self.levels[level - 2]
-        inner_name = (*name, "g")
-        scaled = self.work.get((*inner_name, "weight"), lambda: weight * prev.norm.weight)
-        shift = self.work.get((*name, "shift"), lambda: weight @ prev.norm.bias)
+        prev, inner_name, scaled, shift = self._through_norm(level, weight, name)
         scaled_w = (w.view(heads, batch, n_q, n) * prev.rstd.view(1, batch, 1, n)).view_as(w)
         own.add_(self._weighted(level - 1, scaled, inner_name, scaled_w))
         total = w.sum(dim=-1).view(heads, batch, n_q, 1).permute(1, 2, 0, 3)  # B x T x heads x 1
