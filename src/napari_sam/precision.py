@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.common import module_tensors
+
 __all__ = [
     "PRECISIONS",
     "cached_for",
@@ -182,7 +184,7 @@ _LOCK = threading.Lock()
 
 def _fingerprint(module: nn.Module) -> tuple:
     """Changes when any parameter or buffer is replaced, updated in place or moved."""
-    tensors = [*module.parameters(), *module.buffers()]
+    tensors = module_tensors(module)
     state = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     return (module.training, state)
 
@@ -219,7 +221,7 @@ def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         are replaced, updated in place or moved, or its train/eval mode changes.
         The copy lives as long as ``module``.
     """
-    floats = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    floats = [t for t in module_tensors(module) if t.is_floating_point()]
     if all(t.dtype == dtype for t in floats):
         return module
     return cached_for(module, ("cast", dtype), lambda: _cast_copy(module, dtype))

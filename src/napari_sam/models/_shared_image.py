@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .common import module_tensors
 from .transformer import _HALF, Attention, TwoWayAttentionBlock, TwoWayTransformer, _block_diagonal
 
 __all__ = ["FactoredKeys", "SharedImageWork", "can_factor", "factored_transformer"]
@@ -111,7 +112,7 @@ def work_token(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
         else:
             sample = compact[torch.unravel_index(at, compact.shape)]  # gathers, no copy
         parts.append((*_version_token(t)[0], float(sample.float().sum())))
-    return (_version_token(*module.parameters()), tuple(parts))
+    return (_version_token(*module_tensors(module)), tuple(parts))
 
 
 _SAMPLE = 1024
