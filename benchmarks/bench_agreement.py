@@ -7,7 +7,15 @@ click at its centre (multimask, best predicted IoU kept) and its tight box
 The automatic generator (default settings unless ``--automatic`` says
 otherwise) runs on both embeddings; each object of either side is matched
 to the other side's best-overlapping object, and the fraction matched at
-IoU >= 0.9 is reported both ways.
+IoU >= 0.9 is reported both ways, with why the unmatched ones are unmatched
+(no partner above IoU 0.5: the object passed a filter on one side only; else
+a partner with a different mask).
+
+``--noise-floor`` calibrates that number: the exact embedding plus Gaussian
+noise as large as ``auto``'s own deviation from it (same norm, per image),
+decoded in exact. What this perturbation loses is the share of objects that
+any error of that size loses (objects at a filter threshold), not something
+a better half-precision path could keep.
 
 ``auto`` resolves to bf16 only on hardware that runs it fast (see
 :mod:`napari_sam.precision`); elsewhere it is fp32 and the agreement is 1.
@@ -54,6 +62,31 @@ def matched_count(ours: list[np.ndarray], theirs: list[np.ndarray], at: float = 
     return sum(any(_iou(a, b) >= at for b in theirs) for a in ours)
 
 
+def best_ious(ours: list[np.ndarray], theirs: list[np.ndarray]) -> list[float]:
+    """For each of ``ours``, the IoU of its best-overlapping object in ``theirs`` (0 if none)."""
+    return [max((_iou(a, b) for b in theirs), default=0.0) for a in ours]
+
+
+def _unmatched(best: list[float], at: float = 0.9) -> dict:
+    """Unmatched objects split by their best partner: none above 0.5, or one below ``at``."""
+    return {
+        "no_partner": sum(b < 0.5 for b in best),
+        "different_mask": sum(0.5 <= b < at for b in best),
+    }
+
+
+def _perturbed(embedding, relative: float, seed: int):
+    """``embedding`` plus Gaussian noise of norm ``relative`` times the features' norm."""
+    import dataclasses
+
+    import torch
+
+    features = embedding.features
+    noise = torch.randn(features.shape, generator=torch.Generator().manual_seed(seed))
+    noise *= relative * features.norm() / noise.norm()
+    return dataclasses.replace(embedding, features=features + noise)
+
+
 def _prompt_ious(model, emb_a, emb_b, labels: np.ndarray, max_objects: int) -> dict:
     from napari_sam.predict import predict_masks
 
@@ -85,6 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
     parser.add_argument("--stability-score-thresh", type=float, default=0.95)
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also decode the exact embedding plus noise the size of auto's deviation",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     sys.path[:0] = [str(ROOT), str(ROOT / "src")]
@@ -107,33 +145,48 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     auto = precision_name(resolve_precision("auto", "cpu"))
     samples = make_dataset(args.images, seed=2, shape_hw=(args.size, args.size))
-    clicks, boxes, auto_in_exact, exact_in_auto, counts = [], [], [], [], []
-    for sample in samples:
+    clicks, boxes, counts, deviations = [], [], [], []
+    best = {"exact_in_auto": [], "auto_in_exact": [], "exact_in_noisy": [], "noisy_in_exact": []}
+    settings = {
+        "points_per_side": args.points_per_side,
+        "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_score_thresh,
+    }
+    for index, sample in enumerate(samples):
         exact = encode_image(model, sample.image, precision="exact")
         fast = encode_image(model, sample.image, precision="auto")
         ious = _prompt_ious(model, exact, fast, sample.labels, args.max_objects)
         clicks += ious["click"]
         boxes += ious["box"]
-        found = []
-        for emb in (exact, fast):
-            records = generate_masks(
-                model,
-                emb,
-                points_per_side=args.points_per_side,
-                pred_iou_thresh=args.pred_iou_thresh,
-                stability_score_thresh=args.stability_score_thresh,
-            )
-            found.append([r.segmentation for r in records])
-        exact_in_auto.append(matched_count(found[0], found[1]))
-        auto_in_exact.append(matched_count(found[1], found[0]))
+        deviation = float((fast.features.float() - exact.features).norm() / exact.features.norm())
+        deviations.append(deviation)
+        found = [
+            [r.segmentation for r in generate_masks(model, emb, **settings)]
+            for emb in (exact, fast)
+        ]
+        best["exact_in_auto"] += best_ious(found[0], found[1])
+        best["auto_in_exact"] += best_ious(found[1], found[0])
         counts.append([len(found[0]), len(found[1])])
-        print(
+        line = (
             f"image: click {np.mean(ious['click']):.4f} box {np.mean(ious['box']):.4f} "
             f"automatic {len(found[0])} exact / {len(found[1])} auto objects, matched "
-            f"{exact_in_auto[-1]} / {auto_in_exact[-1]}",
-            flush=True,
+            f"{matched_count(found[0], found[1])} / {matched_count(found[1], found[0])}"
         )
+        if args.noise_floor:
+            noisy = _perturbed(exact, deviation, seed=index)
+            found_noisy = [
+                r.segmentation for r in generate_masks(model, noisy, precision="exact", **settings)
+            ]
+            best["exact_in_noisy"] += best_ious(found[0], found_noisy)
+            best["noisy_in_exact"] += best_ious(found_noisy, found[0])
+            line += f"; exact + noise {len(found_noisy)} objects"
+        print(line, flush=True)
     n_exact, n_auto = (sum(c[i] for c in counts) for i in (0, 1))
+
+    def matched(name: str) -> float | None:
+        values = best[name]
+        return sum(b >= 0.9 for b in values) / len(values) if values else None
+
     report = {
         "benchmark": "agreement of auto with exact",
         "model": f"{args.model}{' (random weights)' if args.random else ''}",
@@ -145,15 +198,31 @@ def main(argv: list[str] | None = None) -> dict:
         "click_min_iou": min(clicks) if clicks else None,
         "box_mean_iou": statistics.fmean(boxes) if boxes else None,
         "box_min_iou": min(boxes) if boxes else None,
+        "embedding_relative_deviation_mean": statistics.fmean(deviations),
         "automatic_objects": {"exact": n_exact, "auto": n_auto},
         # pooled over images: objects of one side with a partner at IoU >= 0.9
-        "automatic_exact_matched_in_auto": sum(exact_in_auto) / max(n_exact, 1),
-        "automatic_auto_matched_in_exact": sum(auto_in_exact) / max(n_auto, 1),
+        "automatic_exact_matched_in_auto": matched("exact_in_auto"),
+        "automatic_auto_matched_in_exact": matched("auto_in_exact"),
+        "automatic_unmatched": {
+            "exact_objects": _unmatched(best["exact_in_auto"]),
+            "auto_objects": _unmatched(best["auto_in_exact"]),
+        },
         "automatic_settings": (
             f"{args.points_per_side} x {args.points_per_side} grid, pred_iou_thresh "
             f"{args.pred_iou_thresh}, stability_score_thresh {args.stability_score_thresh}"
         ),
     }
+    if args.noise_floor:
+        report["noise_floor"] = {
+            "what": "exact embedding + Gaussian noise of auto's deviation, decoded in exact",
+            "objects": len(best["noisy_in_exact"]),
+            "exact_matched_in_noisy": matched("exact_in_noisy"),
+            "noisy_matched_in_exact": matched("noisy_in_exact"),
+            "unmatched": {
+                "exact_objects": _unmatched(best["exact_in_noisy"]),
+                "noisy_objects": _unmatched(best["noisy_in_exact"]),
+            },
+        }
     write_report(report, args.out or HERE / "results" / f"agreement_{args.model}.json")
     return report
 
