@@ -314,6 +314,37 @@ def test_precision_reaches_encoder_and_decoder(image, amg_model, monkeypatch):
         generate_masks(amg_model, image, precision="double", **kwargs)
 
 
+def test_decoder_precision_decodes_apart_from_the_encoder(image, amg_model, monkeypatch):
+    seen = {"encode": [], "decode": []}
+    real_encode, real_decode = automatic.encode_image, automatic.decode_low_res
+
+    def encode(*args, **kwargs):
+        seen["encode"].append(kwargs.get("precision"))
+        return real_encode(*args, **kwargs)
+
+    def decode(model, embedding, **kwargs):
+        seen["decode"].append((embedding.precision, kwargs.get("precision")))
+        return real_decode(model, embedding, **kwargs)
+
+    monkeypatch.setattr(automatic, "encode_image", encode)
+    monkeypatch.setattr(automatic, "decode_low_res", decode)
+    kwargs = {"points_per_side": 4, **THRESHOLDS_AT_ZERO}
+    mixed = generate_masks(amg_model, image, precision="bf16", decoder_precision="exact", **kwargs)
+    assert seen["encode"] == ["bf16"]  # the image is encoded in bf16 ...
+    assert seen["decode"] and set(seen["decode"]) == {("bf16", "exact")}  # ... decoded in fp32
+    half = real_encode(amg_model, image, precision="bf16")
+    same = generate_masks(amg_model, half, precision="exact", **kwargs)  # the same, spelled out
+    assert len(mixed) == len(same) > 0
+    for a, b in zip(mixed, same, strict=True):
+        assert np.array_equal(a.segmentation, b.segmentation)
+    seen["decode"].clear()
+    generate_masks(amg_model, half, **kwargs)  # without it the decoder follows the embedding
+    assert set(seen["decode"]) == {("bf16", None)}
+    with pytest.raises(ValueError, match=r"decoder_precision must be one of .* received 'double'"):
+        generate_masks(amg_model, image, decoder_precision="double", **kwargs)
+    assert seen["encode"] == ["bf16"]  # refused before any encoding
+
+
 def test_results_do_not_depend_on_points_per_batch(image, amg_model):
     kwargs = {"points_per_side": 8, **THRESHOLDS_AT_ZERO}
     big = generate_masks(amg_model, image, points_per_batch=64, **kwargs)

@@ -49,7 +49,7 @@ from ._amg_settings import (
     Steps,
 )
 from ._rle import RunLengthMask, encode_masks
-from .precision import resolve_precision
+from .precision import PRECISIONS, resolve_precision
 from .predict import ImageEmbedding, decode_low_res, encode_image, upscale_logits
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ def generate_masks(
     rgb: bool | None = None,
     contrast_limits: Sequence[float] | None = None,
     precision: str | None = None,
+    decoder_precision: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
 ) -> list[MaskRecord]:
@@ -146,6 +147,11 @@ def generate_masks(
         Precision of the encoder and decoder (see :mod:`napari_sam.precision`).
         Default: ``"exact"`` for an image (fp32, the reference's masks); for
         an embedding, the precision it was computed in.
+    decoder_precision : {"exact", "auto", "fp32", "bf16", "fp16"}, optional
+        Precision of the mask decoder alone; default: ``precision``.
+        ``precision="auto", decoder_precision="exact"`` encodes fast and
+        finds the objects an exact decoder finds from that embedding (a
+        bf16 decoder misses a few at a threshold: docs/automatic.md).
     progress : callable ``(done, total) -> None``, optional
         Called with 0 first, then after each image encoding, each batch of
         points and the small-region clean-up.
@@ -185,6 +191,7 @@ def generate_masks(
         rgb=rgb,
         contrast_limits=contrast_limits,
         precision=precision,
+        decoder_precision=decoder_precision,
         progress=progress,
         cancel=cancel,
     )
@@ -198,10 +205,15 @@ def generate_with_settings(
     rgb: bool | None = None,
     contrast_limits: Sequence[float] | None = None,
     precision: str | None = None,
+    decoder_precision: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
 ) -> list[MaskRecord]:
     """:func:`generate_masks` with its parameters as one :class:`AutomaticSettings`."""
+    for name, value in (("precision", precision), ("decoder_precision", decoder_precision)):
+        if value is not None and value not in PRECISIONS:
+            raise ValueError(f"{name} must be one of {PRECISIONS}; received {value!r}")
+    decode = precision if decoder_precision is None else decoder_precision
     if isinstance(image_or_embedding, ImageEmbedding):
         if settings.crop_n_layers > 0:
             raise ValueError(
@@ -236,7 +248,7 @@ def generate_with_settings(
         grid = ops.point_grid(sides[crop.layer])
         points_xy = grid * np.array(crop.shape_hw[::-1], dtype=np.float64)[None]
         found = _process_crop(
-            model, crop_embedding, crop, points_xy, settings, shape_hw, steps, precision
+            model, crop_embedding, crop, points_xy, settings, shape_hw, steps, decode
         )
         per_crop.append(found.with_crop(index))
     found = Candidates.concatenate(per_crop)

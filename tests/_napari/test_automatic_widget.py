@@ -113,6 +113,26 @@ def test_runs_in_the_session_precision(viewer, tiny_model, monkeypatch):
     assert calls[-1][1] == "exact" and isinstance(calls[-1][0], np.ndarray)
 
 
+def test_exact_decoder_keeps_the_session_encoding(viewer, tiny_model, monkeypatch):
+    from napari_sam._napari import automatic_run
+
+    calls = []
+    real = automatic_run.generate_masks
+
+    def spy(model, source, **kwargs):
+        calls.append((source.precision, kwargs["precision"], kwargs["decoder_precision"]))
+        return real(model, source, **kwargs)
+
+    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+    engine, image = _engine(viewer, tiny_model, _image())
+    engine.session.set_precision("bf16")
+    planes = [view_plane(image, viewer.dims)]
+    fast = engine.compute(image, planes, AutomaticSettings(**MANY))
+    exact = engine.compute(image, planes, AutomaticSettings(**MANY), exact_decoder=True)
+    assert calls == [("bf16", "bf16", None), ("bf16", "bf16", "exact")]  # one bf16 embedding
+    assert fast.planes[0].records and exact.planes[0].records
+
+
 def test_cancel_raises_and_changes_nothing(viewer, tiny_model):
     engine, image = _engine(viewer, tiny_model, _image((4, 48, 64)))
     plane = view_plane(image, viewer.dims)
@@ -206,6 +226,32 @@ def test_widget_runs_2d_and_shares_the_session(make_napari_viewer, tiny_model, q
     assert "object(s)" in widget.status.text()
     assert widget.target_combo.findData(output) == -1  # never offered as a target
     assert widget.model_combo.currentData() == widget.session.models.source
+
+
+@pytest.mark.gui
+def test_widget_exact_decoder_box_reaches_the_run(
+    make_napari_viewer, tiny_model, qtbot, monkeypatch
+):
+    from napari_sam._napari import automatic_run
+
+    seen = []
+    real = automatic_run.generate_masks
+
+    def spy(model, source, **kwargs):
+        seen.append(kwargs["decoder_precision"])
+        return real(model, source, **kwargs)
+
+    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+    _, _, widget = _open_widget(make_napari_viewer, tiny_model, _image())
+    assert not widget.exact_decoder.isChecked()  # off by default: the session's precision
+    assert "fp32" in widget.exact_decoder.toolTip()
+    widget.run()
+    _wait(widget, qtbot)
+    widget.exact_decoder.setChecked(True)
+    widget.run()
+    _wait(widget, qtbot)
+    assert seen == [None, "exact"]
+    assert "object(s)" in widget.status.text()
 
 
 @pytest.mark.gui

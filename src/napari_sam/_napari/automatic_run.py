@@ -84,12 +84,15 @@ class AutomaticSegmentation:
         *,
         progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
+        exact_decoder: bool = False,
     ) -> AutomaticResult:
         """Find the objects of ``planes`` (blocking; safe in a worker thread).
 
         ``progress(done, total)`` counts steps over all planes (embedding,
         batches of points); ``cancel()`` raises :class:`Cancelled` between them.
-        Encoding and decoding use the session's precision.
+        Encoding uses the session's precision, and so does decoding unless
+        ``exact_decoder`` (fp32 decoding: the objects an exact decoder finds
+        from these embeddings, for about 1.7x the decoding time in bf16).
         """
         store = self.session.embeddings
         model = self.session.models.ensure()
@@ -116,6 +119,7 @@ class AutomaticSegmentation:
                 rgb=image.rgb,
                 contrast_limits=limits,
                 precision=precision,  # crops are encoded here, not through the cache
+                decoder_precision="exact" if exact_decoder else None,
                 progress=step,
                 cancel=cancel,
                 **kwargs,
