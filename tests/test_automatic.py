@@ -281,27 +281,37 @@ def test_iou_threshold_before_the_decoder_upscaling_keeps_the_masks(image, amg_m
         assert np.array_equal(a.segmentation, b.segmentation)
 
 
-def test_precision_reaches_encoder_and_decoder(image, amg_model, monkeypatch):
-    from napari_sam import predict
+def _record_precisions(monkeypatch) -> dict[str, list]:
+    """Spy on automatic's encoder and decoder calls: the precision each was asked for.
 
-    seen = {"encode": [], "decode": []}
+    ``"encode"`` lists the ``precision`` arguments, ``"decode"`` pairs of the
+    embedding's precision and the ``precision`` argument.
+    """
+    seen: dict[str, list] = {"encode": [], "decode": []}
     real_encode, real_decode = automatic.encode_image, automatic.decode_low_res
 
     def encode(*args, **kwargs):
         seen["encode"].append(kwargs.get("precision"))
         return real_encode(*args, **kwargs)
 
-    def decode(*args, **kwargs):
-        seen["decode"].append(kwargs.get("precision"))
-        return real_decode(*args, **kwargs)
+    def decode(model, embedding, **kwargs):
+        seen["decode"].append((embedding.precision, kwargs.get("precision")))
+        return real_decode(model, embedding, **kwargs)
 
     monkeypatch.setattr(automatic, "encode_image", encode)
     monkeypatch.setattr(automatic, "decode_low_res", decode)
+    return seen
+
+
+def test_precision_reaches_encoder_and_decoder(image, amg_model, monkeypatch):
+    from napari_sam import predict
+
+    seen = _record_precisions(monkeypatch)
     kwargs = {"points_per_side": 4, **THRESHOLDS_AT_ZERO}
     exact = generate_masks(amg_model, image, **kwargs)
     fp32 = generate_masks(amg_model, image, precision="fp32", **kwargs)
     assert seen["encode"] == ["exact", "fp32"]
-    assert set(seen["decode"]) == {None, "fp32"}
+    assert {asked for _, asked in seen["decode"]} == {None, "fp32"}
     for a, b in zip(exact, fp32, strict=True):  # exact is fp32: the same masks
         assert np.array_equal(a.segmentation, b.segmentation)
     half = predict.encode_image(amg_model, image, precision="bf16")
@@ -315,24 +325,14 @@ def test_precision_reaches_encoder_and_decoder(image, amg_model, monkeypatch):
 
 
 def test_decoder_precision_decodes_apart_from_the_encoder(image, amg_model, monkeypatch):
-    seen = {"encode": [], "decode": []}
-    real_encode, real_decode = automatic.encode_image, automatic.decode_low_res
+    from napari_sam import predict
 
-    def encode(*args, **kwargs):
-        seen["encode"].append(kwargs.get("precision"))
-        return real_encode(*args, **kwargs)
-
-    def decode(model, embedding, **kwargs):
-        seen["decode"].append((embedding.precision, kwargs.get("precision")))
-        return real_decode(model, embedding, **kwargs)
-
-    monkeypatch.setattr(automatic, "encode_image", encode)
-    monkeypatch.setattr(automatic, "decode_low_res", decode)
+    seen = _record_precisions(monkeypatch)
     kwargs = {"points_per_side": 4, **THRESHOLDS_AT_ZERO}
     mixed = generate_masks(amg_model, image, precision="bf16", decoder_precision="exact", **kwargs)
     assert seen["encode"] == ["bf16"]  # the image is encoded in bf16 ...
     assert seen["decode"] and set(seen["decode"]) == {("bf16", "exact")}  # ... decoded in fp32
-    half = real_encode(amg_model, image, precision="bf16")
+    half = predict.encode_image(amg_model, image, precision="bf16")
     same = generate_masks(amg_model, half, precision="exact", **kwargs)  # the same, spelled out
     assert len(mixed) == len(same) > 0
     for a, b in zip(mixed, same, strict=True):
