@@ -49,7 +49,7 @@ from ._amg_settings import (
     Steps,
 )
 from ._rle import RunLengthMask, encode_masks
-from .precision import PRECISIONS, resolve_precision
+from .precision import check_precision, resolve_precision
 from .predict import ImageEmbedding, decode_low_res, encode_image, upscale_logits
 
 if TYPE_CHECKING:
@@ -211,8 +211,8 @@ def generate_with_settings(
 ) -> list[MaskRecord]:
     """:func:`generate_masks` with its parameters as one :class:`AutomaticSettings`."""
     for name, value in (("precision", precision), ("decoder_precision", decoder_precision)):
-        if value is not None and value not in PRECISIONS:
-            raise ValueError(f"{name} must be one of {PRECISIONS}; received {value!r}")
+        if value is not None:
+            check_precision(value, name=name)
     decode = precision if decoder_precision is None else decoder_precision
     if isinstance(image_or_embedding, ImageEmbedding):
         if settings.crop_n_layers > 0:

@@ -45,6 +45,7 @@ __all__ = [
     "PRECISIONS",
     "cached_for",
     "cast_module",
+    "check_precision",
     "clear_cast_cache",
     "compiled_module",
     "cpu_has_fast_bf16",
@@ -127,6 +128,26 @@ def cpu_has_fast_fp16() -> bool:
     return _probe_speedup(torch.float16) >= 1.5
 
 
+def check_precision(precision: str, *, name: str = "precision") -> str:
+    """Return ``precision`` if it names a precision, else raise ValueError naming ``name``.
+
+    Parameters
+    ----------
+    precision : {"auto", "exact", "fp32", "bf16", "fp16"}
+        One of :data:`PRECISIONS`.
+    name : str, optional
+        The parameter it came in as, for the message. Default ``"precision"``.
+
+    Returns
+    -------
+    str
+        ``precision``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {PRECISIONS}; received {precision!r}")
+    return precision
+
+
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype a precision name means on ``device``.
 
@@ -147,8 +168,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tor
     ValueError
         If ``precision`` is not one of :data:`PRECISIONS`.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
+    check_precision(precision)
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":

@@ -173,26 +173,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def check_precision(precision: str) -> str:
-    """Return ``precision`` if it names a precision, else raise ValueError.
-
-    Parameters
-    ----------
-    precision : {"auto", "exact", "fp32", "bf16", "fp16"}
-        One of :data:`napari_sam.precision.PRECISIONS`.
-
-    Returns
-    -------
-    str
-        ``precision``.
-    """
-    from napari_sam.precision import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; received {precision!r}")
-    return precision
-
-
 def describe_source(source: str | Path) -> str:
     """Short human name of a model source (a name or a checkpoint file)."""
     return Path(source).name if isinstance(source, Path) else str(source)
@@ -222,6 +202,8 @@ class ModelSlot:
     def __init__(
         self, source, device, *, precision=DEFAULT_PRECISION, on_change, on_status, on_error
     ) -> None:
+        from napari_sam.precision import check_precision  # torch, imported on first use
+
         resolve_device(device)
         self.source: str | Path = source
         self.device = device
@@ -277,6 +259,8 @@ class ModelSlot:
         precision : {"auto", "exact", "fp32", "bf16", "fp16"}
             See :mod:`napari_sam.precision`; choosing the current one changes nothing.
         """
+        from napari_sam.precision import check_precision
+
         check_precision(precision)
         if precision == self.precision:
             return
