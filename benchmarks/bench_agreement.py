@@ -17,6 +17,10 @@ decoded in exact. What this perturbation loses is the share of objects that
 any error of that size loses (objects at a filter threshold), not something
 a better half-precision path could keep.
 
+Always also reported: the ``auto`` embedding decoded in exact
+(``decoder_precision="exact"``, the Automatic widget's "Decode in exact
+precision"), which separates what the bf16 encoder and the bf16 decoder lose.
+
 ``auto`` resolves to bf16 only on hardware that runs it fast (see
 :mod:`napari_sam.precision`); elsewhere it is fp32 and the agreement is 1.
 
@@ -146,7 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
     auto = precision_name(resolve_precision("auto", "cpu"))
     samples = make_dataset(args.images, seed=2, shape_hw=(args.size, args.size))
     clicks, boxes, counts, deviations = [], [], [], []
-    best = {"exact_in_auto": [], "auto_in_exact": [], "exact_in_noisy": [], "noisy_in_exact": []}
+    best: dict[str, list[float]] = {
+        name: []
+        for name in (
+            "exact_in_auto",
+            "auto_in_exact",
+            "exact_in_exact_decoded",
+            "exact_decoded_in_exact",
+            "exact_in_noisy",
+            "noisy_in_exact",
+        )
+    }
     settings = {
         "points_per_side": args.points_per_side,
         "pred_iou_thresh": args.pred_iou_thresh,
@@ -166,11 +180,17 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         best["exact_in_auto"] += best_ious(found[0], found[1])
         best["auto_in_exact"] += best_ious(found[1], found[0])
+        decoded = [
+            r.segmentation for r in generate_masks(model, fast, precision="exact", **settings)
+        ]
+        best["exact_in_exact_decoded"] += best_ious(found[0], decoded)
+        best["exact_decoded_in_exact"] += best_ious(decoded, found[0])
         counts.append([len(found[0]), len(found[1])])
         line = (
             f"image: click {np.mean(ious['click']):.4f} box {np.mean(ious['box']):.4f} "
             f"automatic {len(found[0])} exact / {len(found[1])} auto objects, matched "
-            f"{matched_count(found[0], found[1])} / {matched_count(found[1], found[0])}"
+            f"{matched_count(found[0], found[1])} / {matched_count(found[1], found[0])}; "
+            f"auto decoded in exact {len(decoded)} objects"
         )
         if args.noise_floor:
             noisy = _perturbed(exact, deviation, seed=index)
@@ -206,6 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
         "automatic_unmatched": {
             "exact_objects": _unmatched(best["exact_in_auto"]),
             "auto_objects": _unmatched(best["auto_in_exact"]),
+        },
+        "auto_encoded_exact_decoded": {
+            "objects": len(best["exact_decoded_in_exact"]),
+            "exact_matched_in_it": matched("exact_in_exact_decoded"),
+            "it_matched_in_exact": matched("exact_decoded_in_exact"),
         },
         "automatic_settings": (
             f"{args.points_per_side} x {args.points_per_side} grid, pred_iou_thresh "
