@@ -245,6 +245,10 @@ def test_widget_exact_decoder_box_reaches_the_run(
     _, _, widget = _open_widget(make_napari_viewer, tiny_model, _image())
     assert not widget.exact_decoder.isChecked()  # off by default: the session's precision
     assert "fp32" in widget.exact_decoder.toolTip()
+    widget.session.set_precision("exact")
+    assert not widget.exact_decoder.isEnabled()  # nothing to change: the decoder is exact
+    widget.session.set_precision("bf16")
+    assert widget.exact_decoder.isEnabled()
     widget.run()
     _wait(widget, qtbot)
     widget.exact_decoder.setChecked(True)
