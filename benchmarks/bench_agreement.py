@@ -61,9 +61,8 @@ def _centre(mask: np.ndarray) -> tuple[float, float]:
     return float(x), float(y)
 
 
-def matched_count(ours: list[np.ndarray], theirs: list[np.ndarray], at: float = 0.9) -> int:
-    """How many of ``ours`` have an object of ``theirs`` at IoU >= ``at``."""
-    return sum(any(_iou(a, b) >= at for b in theirs) for a in ours)
+#: An object is matched when the other side has one at this IoU or more.
+MATCH_IOU = 0.9
 
 
 def best_ious(ours: list[np.ndarray], theirs: list[np.ndarray]) -> list[float]:
@@ -71,7 +70,12 @@ def best_ious(ours: list[np.ndarray], theirs: list[np.ndarray]) -> list[float]:
     return [max((_iou(a, b) for b in theirs), default=0.0) for a in ours]
 
 
-def _unmatched(best: list[float], at: float = 0.9) -> dict:
+def _matched(best: list[float], at: float = MATCH_IOU) -> int:
+    """How many of the objects with these best-partner IoUs are matched (IoU >= ``at``)."""
+    return sum(b >= at for b in best)
+
+
+def _unmatched(best: list[float], at: float = MATCH_IOU) -> dict:
     """Unmatched objects split by their best partner: none above 0.5, or one below ``at``."""
     return {
         "no_partner": sum(b < 0.5 for b in best),
@@ -178,8 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
             [r.segmentation for r in generate_masks(model, emb, **settings)]
             for emb in (exact, fast)
         ]
-        best["exact_in_auto"] += best_ious(found[0], found[1])
-        best["auto_in_exact"] += best_ious(found[1], found[0])
+        exact_in_auto, auto_in_exact = best_ious(found[0], found[1]), best_ious(found[1], found[0])
+        best["exact_in_auto"] += exact_in_auto
+        best["auto_in_exact"] += auto_in_exact
         decoded = [
             r.segmentation for r in generate_masks(model, fast, precision="exact", **settings)
         ]
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         line = (
             f"image: click {np.mean(ious['click']):.4f} box {np.mean(ious['box']):.4f} "
             f"automatic {len(found[0])} exact / {len(found[1])} auto objects, matched "
-            f"{matched_count(found[0], found[1])} / {matched_count(found[1], found[0])}; "
+            f"{_matched(exact_in_auto)} / {_matched(auto_in_exact)}; "
             f"auto decoded in exact {len(decoded)} objects"
         )
         if args.noise_floor:
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def matched(name: str) -> float | None:
         values = best[name]
-        return sum(b >= 0.9 for b in values) / len(values) if values else None
+        return _matched(values) / len(values) if values else None
 
     report = {
         "benchmark": "agreement of auto with exact",

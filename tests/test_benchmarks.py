@@ -30,7 +30,8 @@ def test_matching_helpers(bench_agreement):
     c[3, 3] = True
     best = bench_agreement.best_ious([a, c], [b])
     assert best == pytest.approx([8 / 9, 0.0])
-    assert bench_agreement.matched_count([a, c], [b], at=0.85) == 1
+    assert bench_agreement._matched(best, at=0.85) == 1
+    assert bench_agreement._matched(best) == 0  # 8 / 9 < MATCH_IOU = 0.9
     assert bench_agreement._unmatched(best) == {"no_partner": 1, "different_mask": 1}
     assert bench_agreement.best_ious([a], []) == [0.0]
 
