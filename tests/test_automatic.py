@@ -150,14 +150,25 @@ def _match(ours: list[MaskRecord], theirs: list[dict], ordered: bool) -> list[tu
 def assert_same_masks(
     ours: list[MaskRecord], theirs: list[dict], *, ordered: bool = True, score_atol: float = 1e-4
 ):
-    """Same masks (IoU >= 0.99 both ways), scores, points and crops; same order if ``ordered``."""
+    """Same masks (IoU >= 0.99 both ways), scores, points and crops; same order if ``ordered``.
+
+    A stability score is a ratio of pixel counts at logit thresholds +-1, and a
+    pixel whose logit lies within rounding of a threshold may fall on either
+    side (which one depends on the CPU's matmul kernels: on one Xeon a 1,122 px
+    mask of the demo model moved one pixel, 6.7e-4 of its score). So scores
+    may differ by two pixels' worth (``2 / area``, each pixel moving a ratio
+    with denominator >= area by <= 1 / area) on top of ``score_atol``.
+    """
     assert len(ours) == len(theirs)
     for i, j in _match(ours, theirs, ordered):
         o, t = ours[i], theirs[j]
         iou = _mask_iou(o.segmentation, t["segmentation"])
         assert iou >= 0.99, f"our mask {i}: IoU {iou:.4f} with the reference's mask {j}"
         assert o.predicted_iou == pytest.approx(t["predicted_iou"], abs=score_atol)
-        assert o.stability_score == pytest.approx(t["stability_score"], abs=score_atol, nan_ok=True)
+        two_pixels = 2.0 / max(int(t["area"]), 1)
+        assert o.stability_score == pytest.approx(
+            t["stability_score"], abs=score_atol + two_pixels, nan_ok=True
+        )
         assert list(o.point_xy) == pytest.approx(t["point_coords"][0], abs=1e-9)
         assert list(o.crop_box_xywh) == t["crop_box"]
         if iou == 1.0:
