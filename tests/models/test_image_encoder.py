@@ -109,6 +109,29 @@ def test_block_kinds_follow_global_attn_indexes():
     assert encoder.blocks[0].attn.rel_pos_h.shape == (3, 8)  # 2 * 2 - 1 rows
 
 
+def test_the_residual_stream_is_contiguous_through_every_block():
+    """The blocks add into the stream in place, so the patch embedding's layout lasts:
+    a channels-strided view (the conv's output permuted) made norms and adds 5-10x slower."""
+    encoder = ImageEncoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        out_chans=8,
+        global_attn_indexes=(1,),
+        window_size=2,
+    ).eval()
+    images = torch.randn(1, 3, 64, 64)
+    assert encoder.patch_embed(images).is_contiguous()
+    layouts = []
+    for block in encoder.blocks:
+        block.register_forward_pre_hook(lambda _m, args: layouts.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        encoder(images)
+    assert layouts == [True, True]
+
+
 def test_wrong_input_size_is_refused(tiny_model):
     with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 128, 128\), got"):
         tiny_model.image_encoder(torch.zeros(1, 3, 64, 64))
