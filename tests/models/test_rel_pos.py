@@ -112,3 +112,24 @@ def test_encoder_output_does_not_depend_on_the_form():
         block.attn.fold = True
     folded = encoder(images)
     torch.testing.assert_close(folded, default, rtol=1e-5, atol=1e-5 * float(default.abs().max()))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_global_grid_takes_the_fused_kernel_only_with_amx(monkeypatch, amx):
+    from napari_sam.models import rel_pos
+
+    calls = []
+    for name in ("folded_rel_pos_attention", "folded_matmul_attention"):
+        real = getattr(rel_pos, name)
+        monkeypatch.setattr(
+            rel_pos, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1]
+        )
+    monkeypatch.setattr(rel_pos, "cpu_has_amx", lambda: amx)
+    hw = (8, 8)
+    inputs = tuple(t.to(torch.bfloat16) for t in _inputs(hw, dim=16, seed=7))
+    expected = _with_bias_mask(*_inputs(hw, dim=16, seed=7), hw, 0.25)
+    got = rel_pos.rel_pos_attention(*inputs, hw, 0.25, fold=False).float()
+    assert calls == ["folded_rel_pos_attention" if amx else "folded_matmul_attention"]
+    assert (got - expected).abs().max() / expected.abs().max() < 5e-2
+    rel_pos.rel_pos_attention(*_inputs(hw, dim=16, seed=7), hw, 0.25, fold=False)
+    assert len(calls) == 1  # float32 keeps the chunked mask whatever the CPU

@@ -21,11 +21,18 @@ Three ways to evaluate it, all equal up to rounding:
   global grid in float32, where folding would triple the head width.
 - :func:`folded_matmul_attention`: the folded q', k' through plain batched
   matmuls and a softmax, a few heads at a time. Used for the global grid in
-  half precision on CPUs, where bf16 matmuls are several times faster than
-  the fused kernel (which computes in float32 there).
+  half precision on CPUs without AMX, where bf16 matmuls are several times
+  faster than the fused kernel (which computes in float32 there).
+
+On CPUs with AMX tiles the fused kernel runs bf16 through them, and the
+folded global grid goes through it too: ViT-B's 64 x 64 grid with 12 heads,
+134 ms against 423 ms for the matmuls, which are bound by writing their
+``N x N`` logits (Xeon with AMX, 2 cores, torch 2.14).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -302,6 +309,16 @@ def biased_rel_pos_attention(
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles the OS lets torch use (detected once per process)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:  # pragma: no cover - a torch build without the query
+        return False
+
+
 def rel_pos_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -331,4 +348,6 @@ def rel_pos_attention(
         return folded_rel_pos_attention(*args)
     if q.dtype == torch.float32:
         return biased_rel_pos_attention(*args)
+    if q.dtype == torch.bfloat16 and cpu_has_amx():
+        return folded_rel_pos_attention(*args)
     return folded_matmul_attention(*args)
