@@ -111,6 +111,20 @@ def as_dict(summary: Summary) -> dict:
     return asdict(summary)
 
 
+def run_context() -> dict:
+    """What a timing depends on besides the code: torch, threads, load, OpenMP wait policy."""
+    import os
+
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+    }
+
+
 def write_report(report: dict, path: Path) -> None:
     """Write ``report`` as indented JSON to ``path`` (folders made as needed) and print it."""
     text = json.dumps(report, indent=2)

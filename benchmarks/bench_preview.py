@@ -18,7 +18,6 @@ Writes JSON to ``benchmarks/results/preview_<model>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _measure import write_report  # noqa: E402
+from _measure import run_context, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,10 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "point to preview (napari session, synchronous)",
         "model": f"{args.model} (random weights)",
         "image_hw": [args.size, args.size],
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        **run_context(),
         "results": results,
     }
     write_report(report, args.out or HERE / "results" / f"preview_{args.model}.json")

@@ -269,6 +269,32 @@ def test_encode_image_honours_contrast_limits_and_grayscale(pair):
     assert not torch.allclose(stretched.features, emb.features)
 
 
+def test_encode_image_between_layers_pauses_or_abandons_without_changing_the_result(pair):
+    ours, _ = pair
+    image = np.random.default_rng(6).integers(0, 256, (40, 60), dtype=np.uint8)
+    plain = encode_image(ours, image)
+    calls = []
+    paused = encode_image(ours, image, between_layers=lambda: calls.append(1))
+    torch.testing.assert_close(paused.features, plain.features, rtol=0, atol=0)
+    leaves = [m for m in ours.image_encoder.modules() if not m._modules]
+    assert len(calls) >= len(leaves) > 10  # at least once per layer (some run per block)
+
+    class Abandon(Exception):
+        pass
+
+    def abandon():
+        if len(calls) == 5:
+            raise Abandon
+        calls.append(1)
+
+    calls.clear()
+    with pytest.raises(Abandon):
+        encode_image(ours, image, between_layers=abandon)
+    assert len(calls) == 5
+    with pytest.raises(ValueError, match="between_layers cannot be combined with compile"):
+        encode_image(ours, image, compile=True, between_layers=abandon)
+
+
 def test_best_selects_the_highest_score_per_object():
     scores = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]], np.float32)
     masks = np.zeros((2, 3, 2, 2), bool)

@@ -1,11 +1,14 @@
-"""models/common.py: module_tensors, the fast walk behind the weight fingerprints."""
+"""models/common.py: module_tensors (behind the weight fingerprints), call_before_layers."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 from torch import nn
 
-from napari_sam.models.common import LayerNorm2d, module_tensors
+from napari_sam.models.common import LayerNorm2d, call_before_layers, module_tensors
 from napari_sam.registry import build_model
 
 
@@ -29,3 +32,39 @@ def test_module_tensors_sees_buffers_replaced_parameters_and_empty_slots():
     after = module_tensors(model)
     assert any(t is model[0].weight for t in after)
     assert len(after) == len(before)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.GELU(), nn.Linear(4, 2)))
+
+
+def test_call_before_layers_calls_before_each_leaf_then_lets_go():
+    net, x = _net(), torch.randn(5, 3)
+    seen: list[tuple] = []
+    net[0].register_forward_hook(lambda *_: seen.append("linear 0 ran"))
+    with call_before_layers(net, lambda: seen.append("callback")):
+        out = net(x)
+        net(x)
+    assert seen[:2] == ["callback", "linear 0 ran"]  # before the layer, not after
+    assert seen.count("callback") == 2 * 3  # three leaves (Linear, GELU, Linear), two passes
+    before = len(seen)
+    torch.testing.assert_close(net(x), out)  # hooks gone, result unchanged
+    assert seen.count("callback") == 6 and len(seen) == before + 1
+
+
+def test_call_before_layers_ignores_other_threads_and_removes_hooks_on_error():
+    net, x = _net(), torch.randn(5, 3)
+    calls = []
+    with call_before_layers(net, lambda: calls.append(threading.get_ident())):
+        other = threading.Thread(target=net, args=(x,))
+        other.start()
+        other.join()
+        assert calls == []  # another thread's forward pass is not interrupted
+
+    def stop():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), call_before_layers(net, stop):
+        net(x)
+    net(x)  # no hook left behind
+    assert all(not m._forward_pre_hooks for m in net.modules())

@@ -40,6 +40,7 @@ from .layers import (
 )
 from .models import DEFAULT_MODEL, DEFAULT_PRECISION, ModelSlot, register_local_model
 from .own_layers import OwnLayers
+from .prefetch import SlicePrefetch
 from .segmentation import Segmentation, segment_prompts
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -86,6 +87,12 @@ class SamSession:
     ``model`` (source), ``model_list`` (name of a model added to the list),
     ``embedding`` (EmbeddingKey now ready), ``prediction`` (Segmentation or
     None), ``committed`` (CommitResult).
+
+    Attributes
+    ----------
+    prefetch : bool
+        Pre-encode the next slice of a stack in the background (off by
+        default; worker threads only, that is in napari).
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class SamSession:
             self.models, max_bytes=cache_bytes, on_status=self._status, on_error=self._error
         )
         self._preview_plane: ViewPlane | None = None
+        self.slices = SlicePrefetch()
         self._quiet = 0
         self._n_outside = 0
         self.threaded = threaded
@@ -200,6 +208,29 @@ class SamSession:
             If ``precision`` is not one of those.
         """
         self.models.set_precision(precision)
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether the next slice is pre-encoded while the person works on this one.
+
+        With it on, once the plane on screen has its embedding the session
+        encodes its neighbour (the next slice the way the slider last moved,
+        +1 along the innermost slider at first) in a worker. The worker steps
+        aside while a preview is computed, is dropped when another slice is
+        asked for, and its embedding is shown at once when the person moves
+        there. Costs: clicks made while it runs are slower (both share the
+        CPU; see docs/performance.md), and one more embedding is cached.
+        Needs worker threads (napari); ignored with ``threaded=False``.
+        """
+        return self.slices.enabled
+
+    @prefetch.setter
+    def prefetch(self, value: bool) -> None:
+        self.slices.enabled = bool(value)
+        if self.slices.enabled:
+            self.request_embedding()
+        else:
+            self.embeddings.cancel_prefetch()
 
     def ensure_model(self):
         """Load the model now (blocking; downloads if needed) and return it."""
@@ -316,9 +347,11 @@ class SamSession:
         plane = self.current_plane()
         if plane is None:
             return False
-        if self.embeddings.get(self._image, plane) is not None:
-            return True
         threaded = _workers.can_run_async() if self.threaded is None else self.threaded
+        if self.embeddings.get(self._image, plane) is not None:
+            if threaded:
+                self._prefetch_after(plane)
+            return True
         if self.models.model is None:
             if not (download or self.models.is_local):
                 self._status(
@@ -336,16 +369,30 @@ class SamSession:
             if done:
                 self._status(self._ready_message(self.embeddings.key(self._image, plane)))
             return done
+        self.embeddings.cancel_prefetch(keep=self.embeddings.key(self._image, plane))
         self.embeddings.start(self._image, plane, on_done=self._on_embedding_done)
         return False
 
+    def _prefetch_after(self, plane: ViewPlane) -> None:
+        """Pre-encode the slice after ``plane`` (which has its embedding) if asked to."""
+        target = self.slices.target(self._image, plane)
+        if target is not None and self.embeddings.get(self._image, target) is None:
+            self.embeddings.start(
+                self._image, target, on_done=self._on_embedding_done, prefetch=True
+            )
+
     def _on_embedding_done(self, key: EmbeddingKey) -> None:
         plane = self.current_plane()
-        if plane is not None and self.embeddings.key(self._image, plane) == key:
+        if (
+            plane is not None
+            and self.embeddings.key(self._image, plane) == key
+            and key in self.embeddings.cache
+        ):
             self._status(self._ready_message(key))
             self.events.embedding(value=key)
             self.update_preview()
-        else:  # slice, image, contrast or model changed meanwhile: not applied here
+            self._prefetch_after(plane)
+        else:  # slice, image, contrast or model changed meanwhile (or a prefetch ended)
             self.request_embedding()
 
     def _ready_message(self, key: EmbeddingKey) -> str:
@@ -377,9 +424,10 @@ class SamSession:
         mask_input = previous.low_res_logits[0] if reason == "added" and single else None
         if len(prompts.boxes_xyxy) > 1:
             mask_input = None
-        result = segment_prompts(
-            self.models.model, embedding, prompts, key=key, plane=plane, mask_input=mask_input
-        )
+        with self.embeddings.interactive():  # a running prefetch waits
+            result = segment_prompts(
+                self.models.model, embedding, prompts, key=key, plane=plane, mask_input=mask_input
+            )
         return self._set_result(result)
 
     def _set_result(self, result: Segmentation | None) -> Segmentation | None:
@@ -518,6 +566,7 @@ class SamSession:
         self.update_preview("added" if action == "added" else action)
 
     def _on_view_changed(self, event=None) -> None:
+        self.slices.shown(self.current_plane())
         self.update_preview("view")
         self.request_embedding()
 

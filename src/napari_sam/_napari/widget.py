@@ -43,6 +43,11 @@ _PRECISION_TIP = (
     "fp32, bf16, fp16: forced (fp16 is slow on most CPUs). "
     "Changing it recomputes the embedding."
 )
+_PREFETCH_TIP = (
+    "Stacks and time series: while you work on a slice, encode the next one "
+    "(the way you last moved the slider) in the background, so that moving there "
+    "shows its embedding at once. Clicks made while it runs are slower (the two share the CPU)."
+)
 
 
 def _index_of(combo: QComboBox, value) -> int:
@@ -118,6 +123,10 @@ class SamWidget(QWidget):
         form.addRow("Model", row)
         form.addRow("Device", self.device_combo)
         form.addRow("Precision", self.precision_combo)
+        self.prefetch_check = QCheckBox("Pre-encode the next slice")
+        self.prefetch_check.setChecked(self.session.prefetch)
+        self.prefetch_check.setToolTip(_PREFETCH_TIP)
+        form.addRow(self.prefetch_check)
         return box
 
     def _build_prompts(self) -> QGroupBox:
@@ -193,6 +202,7 @@ class SamWidget(QWidget):
         self.load_button.clicked.connect(s.load_model_async)
         self.device_combo.activated.connect(self._on_device_choice)
         self.precision_combo.activated.connect(self._on_precision_choice)
+        self.prefetch_check.toggled.connect(lambda on: setattr(s, "prefetch", on))
         self.sign_button.clicked.connect(lambda: (s.toggle_sign(), self._show_sign()))
         self.candidate_group.idClicked.connect(s.select_mask)
         self.next_mask_button.clicked.connect(lambda: s.cycle_mask(1))

@@ -6,13 +6,16 @@ follow the official checkpoints, so state dicts load unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "LayerNorm2d", "MLPBlock", "module_tensors"]
+__all__ = ["MLP", "LayerNorm2d", "MLPBlock", "call_before_layers", "module_tensors"]
 
 
 class LayerNorm2d(nn.Module):
@@ -152,3 +155,36 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
         tensors.extend(t for t in current._buffers.values() if t is not None)
         stack.extend(m for m in current._modules.values() if m is not None)
     return tensors
+
+
+@contextlib.contextmanager
+def call_before_layers(module: nn.Module, callback: Callable[[], None]) -> Iterator[None]:
+    """Within the block, call ``callback()`` before every leaf layer of ``module`` runs.
+
+    Only calls made in the thread that entered the block trigger it: the
+    module may be shared with other threads (a cached cast copy of an
+    encoder), which run unaffected. The callback may block (to give the CPU
+    to other work) or raise (to abandon the forward pass: the exception
+    propagates out of the module call). The hooks are removed on exit,
+    whatever happened.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Typically an image encoder; every submodule without children is a layer.
+    callback : callable
+        Called without arguments.
+    """
+    owner = threading.get_ident()
+
+    def hook(_module: nn.Module, _args: tuple) -> None:
+        if threading.get_ident() == owner:
+            callback()
+
+    leaves = [m for m in module.modules() if not m._modules]
+    handles = [leaf.register_forward_pre_hook(hook) for leaf in leaves]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
