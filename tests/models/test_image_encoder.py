@@ -93,8 +93,9 @@ def test_rel_pos_bias_matches_definition():
     torch.testing.assert_close(bias, expected)
 
 
-def test_block_kinds_follow_global_attn_indexes():
-    encoder = ImageEncoderViT(
+def _small_encoder() -> ImageEncoderViT:
+    """64 px, 4 x 4 tokens: a windowed, a global and a windowed block (windows of 2)."""
+    return ImageEncoderViT(
         img_size=64,
         patch_size=16,
         embed_dim=16,
@@ -104,6 +105,10 @@ def test_block_kinds_follow_global_attn_indexes():
         global_attn_indexes=(1,),
         window_size=2,
     )
+
+
+def test_block_kinds_follow_global_attn_indexes():
+    encoder = _small_encoder()
     assert [b.window for b in encoder.blocks] == [2, 0, 2]
     assert encoder.blocks[1].attn.rel_pos_h.shape == (7, 8)  # 2 * 4 - 1 rows
     assert encoder.blocks[0].attn.rel_pos_h.shape == (3, 8)  # 2 * 2 - 1 rows
@@ -112,16 +117,7 @@ def test_block_kinds_follow_global_attn_indexes():
 def test_the_residual_stream_is_contiguous_through_every_block():
     """The blocks add into the stream in place, so the patch embedding's layout lasts:
     a channels-strided view (the conv's output permuted) made norms and adds 5-10x slower."""
-    encoder = ImageEncoderViT(
-        img_size=64,
-        patch_size=16,
-        embed_dim=16,
-        depth=2,
-        num_heads=2,
-        out_chans=8,
-        global_attn_indexes=(1,),
-        window_size=2,
-    ).eval()
+    encoder = _small_encoder().eval()
     images = torch.randn(1, 3, 64, 64)
     assert encoder.patch_embed(images).is_contiguous()
     layouts = []
@@ -129,7 +125,7 @@ def test_the_residual_stream_is_contiguous_through_every_block():
         block.register_forward_pre_hook(lambda _m, args: layouts.append(args[0].is_contiguous()))
     with torch.inference_mode():
         encoder(images)
-    assert layouts == [True, True]
+    assert layouts == [True, True, True]  # windowed, global, windowed
 
 
 def test_wrong_input_size_is_refused(tiny_model):
