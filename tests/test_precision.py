@@ -115,6 +115,45 @@ def test_cast_module_is_cached_and_follows_weight_updates(tiny_model):
     assert prec.cast_module(module, torch.bfloat16) is not recast
 
 
+def test_linears_are_packed_only_for_bf16_on_cpus_with_amx(monkeypatch):
+    from napari_sam.models import rel_pos
+    from napari_sam.models.packed import packing_available
+
+    monkeypatch.setattr(rel_pos, "cpu_has_amx", lambda: False)
+    assert not prec.packs_linears(torch.bfloat16, "cpu")
+    monkeypatch.setattr(rel_pos, "cpu_has_amx", lambda: True)
+    assert prec.packs_linears(torch.bfloat16, "cpu") == packing_available()
+    assert not prec.packs_linears(torch.float32, "cpu")
+    assert not prec.packs_linears(torch.float16, "cpu")
+    assert not prec.packs_linears(torch.bfloat16, "meta")  # not a CPU
+
+
+def test_inference_module_packs_a_cached_copy_where_it_pays(tiny_model, monkeypatch):
+    from napari_sam.models.packed import PackedLinear
+
+    encoder = tiny_model.image_encoder
+    prec.clear_cast_cache(encoder)
+    try:
+        monkeypatch.setattr(prec, "packs_linears", lambda dtype, device: False)
+        assert prec.inference_module(encoder, torch.bfloat16, rows_hint=64) is prec.cast_module(
+            encoder, torch.bfloat16
+        )
+        monkeypatch.setattr(prec, "packs_linears", lambda dtype, device: dtype == torch.bfloat16)
+        assert prec.inference_module(encoder, torch.float32, rows_hint=64) is encoder
+        packed = prec.inference_module(encoder, torch.bfloat16, rows_hint=64)
+        assert packed is not prec.cast_module(encoder, torch.bfloat16)
+        assert any(isinstance(m, PackedLinear) for m in packed.modules())
+        assert not any(isinstance(m, PackedLinear) for m in encoder.modules())
+        assert prec.inference_module(encoder, torch.bfloat16, rows_hint=64) is packed  # cached
+
+        image = np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        exact = encode_image(tiny_model, image).features
+        got = encode_image(tiny_model, image, precision="bf16").features.float()
+        assert (got - exact).abs().max() / exact.abs().max() < 0.05
+    finally:
+        prec.clear_cast_cache(encoder)
+
+
 # --------------------------------------------------------------------------- outputs
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "compiled_module",
     "cpu_has_fast_bf16",
     "cpu_has_fast_fp16",
+    "inference_module",
+    "packs_linears",
     "precision_name",
     "resolve_precision",
 ]
@@ -276,6 +278,60 @@ def cached_for(module: nn.Module, key: Hashable, build: Callable[[], Any]) -> An
     with _LOCK:
         _CACHE.setdefault(module, {})[key] = (fingerprint, value)
     return value
+
+
+def packs_linears(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`inference_module` packs linear layers for ``dtype`` on ``device``.
+
+    Only bf16 on a CPU with AMX tiles (where packing was measured to pay) and a
+    torch build whose oneDNN packing gives ``F.linear``'s results
+    (:mod:`napari_sam.models.packed`).
+    """
+    from .models.packed import packing_available
+    from .models.rel_pos import cpu_has_amx
+
+    return (
+        dtype == torch.bfloat16
+        and torch.device(device).type == "cpu"
+        and cpu_has_amx()
+        and packing_available()
+    )
+
+
+def inference_module(module: nn.Module, dtype: torch.dtype, *, rows_hint: int) -> nn.Module:
+    """:func:`cast_module`, with linear layers packed for oneDNN where that pays.
+
+    Where :func:`packs_linears` says so (bf16 on a CPU with AMX), a cached
+    copy of ``module`` in ``dtype`` whose ``nn.Linear`` layers hold their
+    weights pre-packed and whose feed-forward GELUs run inside the first
+    linear's kernel (:func:`napari_sam.models.packed.pack_linears`); it
+    replaces the plain cast copy (one copy in memory, not two). Elsewhere
+    exactly :func:`cast_module`.
+
+    Parameters
+    ----------
+    module : nn.Module
+        A float32 module in eval mode (e.g. ``model.image_encoder``).
+    dtype : torch.dtype
+        Target dtype.
+    rows_hint : int
+        Typical rows (tokens) per linear call; picks the packed layout.
+
+    Returns
+    -------
+    nn.Module
+        For inference only; cached and rebuilt as :func:`cast_module`'s copy.
+    """
+    device = next((t.device for t in module_tensors(module)), torch.device("cpu"))
+    if module.training or not packs_linears(dtype, device):
+        return cast_module(module, dtype)
+    from .models.packed import pack_linears
+
+    return cached_for(
+        module,
+        ("packed", dtype),
+        lambda: pack_linears(_cast_copy(module, dtype), rows_hint=rows_hint),
+    )
 
 
 def compiled_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:

