@@ -9,6 +9,15 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+try:  # torch's compiler stack (and triton's LLVM, where installed) before any GL context:
+    # the reference's torchvision imports it on first use, and importing triton
+    # after Mesa's llvmpipe has loaded its own libLLVM segfaults (a napari test,
+    # then a parity test importing segment_anything). The plugin's own imports of
+    # torchvision go through napari_sam._clip._block_triton_if_it_would_crash.
+    import torch._dynamo
+except ImportError:  # pragma: no cover - a torch build without dynamo
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):

@@ -221,6 +221,23 @@ def test_compile_without_a_cxx_compiler_is_refused(tiny_model, monkeypatch):
         encode_image(tiny_model, _image(), compile=True)
 
 
+def test_compile_first_keeps_triton_from_crashing_a_gl_process(tiny_model, monkeypatch):
+    """In napari on Mesa's llvmpipe, importing triton (torch.compile does) segfaults."""
+    from napari_sam import _clip
+
+    order = []
+    monkeypatch.setattr(prec.shutil, "which", lambda name: "/usr/bin/c++")
+    monkeypatch.setattr(_clip, "_block_triton_if_it_would_crash", lambda: order.append("guard"))
+    monkeypatch.setattr(torch, "compile", lambda m, dynamic: order.append("compile") or m)
+    module = tiny_model.prompt_encoder
+    prec.clear_cast_cache(module)
+    try:
+        assert prec.compiled_module(module, torch.float32) is module
+    finally:
+        prec.clear_cast_cache(module)
+    assert order == ["guard", "compile"]
+
+
 @pytest.mark.slow
 def test_compiled_encoder_matches_eager(tiny_model):
     image = _image(3)

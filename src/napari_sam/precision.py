@@ -353,6 +353,11 @@ def compiled_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
             "compile=True needs a C++ compiler at run time (torch.compile's CPU backend); "
             "install one (g++ or clang++) or set CXX, or use compile=False"
         )
+    from ._clip import _block_triton_if_it_would_crash
+
+    # torch.compile imports triton where installed; in napari on Mesa's llvmpipe
+    # that import segfaults, and inductor's CPU backend does not need triton.
+    _block_triton_if_it_would_crash()
     return cached_for(
         module,
         ("compiled", dtype),

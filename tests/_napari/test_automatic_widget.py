@@ -259,6 +259,33 @@ def test_widget_exact_decoder_box_reaches_the_run(
 
 
 @pytest.mark.gui
+def test_widget_run_computes_in_a_thread_that_ends_with_it(
+    make_napari_viewer, tiny_model, qtbot, monkeypatch
+):
+    """Not in Qt's pool thread, which lives 30 s on and slows main-thread torch (clicks)."""
+    import threading
+
+    from napari_sam._napari import automatic_run
+
+    threads = []
+    real = automatic_run.generate_masks
+
+    def spy(model, source, **kwargs):
+        threads.append(threading.current_thread())
+        return real(model, source, **kwargs)
+
+    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+    _, _, widget = _open_widget(make_napari_viewer, tiny_model, _image())
+    widget.run()
+    _wait(widget, qtbot)
+    assert "object(s)" in widget.status.text()
+    (thread,) = threads
+    assert thread.name == "napari-sam job"
+    assert thread is not threading.main_thread()
+    assert not thread.is_alive()
+
+
+@pytest.mark.gui
 def test_widget_whole_stack_and_accept(make_napari_viewer, tiny_model, qtbot):
     data = _image((3, 48, 64))
     viewer, _, widget = _open_widget(make_napari_viewer, tiny_model, data)

@@ -9,6 +9,7 @@ and acceptance into the user's labels.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -32,6 +33,7 @@ from qtpy.QtWidgets import (
 from napari_sam.automatic import PRESETS, AutomaticSettings, Cancelled
 from napari_sam.precision import resolve_precision
 
+from . import _workers
 from ._forms import ProgressRelay
 from .automatic_run import AutomaticResult, AutomaticSegmentation, stack_planes
 from .layers import view_plane
@@ -284,14 +286,19 @@ class AutomaticWidget(QWidget):
         self._cancel.clear()
         from napari.qt.threading import create_worker
 
-        self.worker = create_worker(
+        job = functools.partial(
             self.engine.compute,
             image,
             planes,
             settings,
-            progress=self._relay.changed.emit,
+            progress=self._relay.changed.emit,  # a Qt signal: safe from any thread
             cancel=self._cancel.is_set,
             exact_decoder=self.exact_decoder.isChecked(),
+        )
+        # The run's torch work happens in a thread that ends with it, not in
+        # Qt's pool thread (kept alive 30 s): clicks right after a run stay fast.
+        self.worker = create_worker(
+            _workers.in_short_lived_thread(job),
             _start_thread=False,
             _connect={  # an "errored" handler here: errors are ours to report
                 "returned": self._on_done,
