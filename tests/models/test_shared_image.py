@@ -282,3 +282,50 @@ def test_later_clicks_reuse_every_shared_product(demo_model, monkeypatch, precis
         v.dtype for v in work.products.values() if torch.is_tensor(v) and v.is_floating_point()
     }
     assert dtypes == {emb.features.dtype}
+
+
+def test_sample_coords_unravel_like_numpy():
+    shape = (3, 5, 7, 11)
+    coords = _shared_image._sample_coords(shape, torch.device("cpu"))
+    flat = _shared_image._sample_at(int(np.prod(shape)), torch.device("cpu")).numpy()
+    expected = np.unravel_index(flat, shape)
+    assert len(coords) == len(shape)
+    for got, want in zip(coords, expected, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_work_token_of_a_strided_input_follows_its_values():
+    """A non-contiguous input is sampled through per-axis indices, not a copy."""
+    decoder = torch.nn.Linear(2, 2)  # any module: its weights are part of the token
+    base = torch.randn(1, 16, 40, 40)
+    strided = base.transpose(2, 3)  # 25,600 values, not contiguous
+    assert not strided.is_contiguous()
+    token = _shared_image.work_token(decoder, (strided,))
+    assert _shared_image.work_token(decoder, (strided,)) == token
+    at = _shared_image._sample_coords(tuple(strided.shape), strided.device)
+    strided[tuple(c[:1] for c in at)] += 1.0  # change one sampled value in place
+    assert _shared_image.work_token(decoder, (strided,)) != token
+
+
+def test_a_first_click_imports_no_symbolic_shape_machinery(demo_model):
+    """torch.unravel_index imported torch.fx's symbolic shapes and sympy: 0.7 s on click one.
+
+    The demo model (256 px) takes the factored decoder, which samples the
+    strided positional embedding (the tiny test model does not)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np, napari_sam as ns\n"
+        "m = ns.load_model('demo')\n"
+        "img = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)\n"
+        "emb = ns.encode_image(m, img, precision='auto')\n"
+        "ns.predict_masks(m, emb, points_xy=[[40, 30]], point_labels=[1])\n"
+        "ns.predict_masks(m, emb, boxes_xyxy=[10, 10, 60, 50])\n"
+        "print(sorted(n for n in ('sympy', 'torch.fx.experimental.symbolic_shapes')"
+        " if n in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -110,7 +110,7 @@ def work_token(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
         if compact.is_contiguous():
             sample = compact.view(-1)[at]
         else:
-            sample = compact[torch.unravel_index(at, compact.shape)]  # gathers, no copy
+            sample = compact[_sample_coords(tuple(compact.shape), compact.device)]  # no copy
         parts.append((*_version_token(t)[0], float(sample.float().sum())))
     return (_version_token(*module_tensors(module)), tuple(parts))
 
@@ -134,6 +134,22 @@ def broadcast_source(t: torch.Tensor) -> torch.Tensor:
 def _sample_at(numel: int, device: torch.device) -> torch.Tensor:
     """About a thousand evenly spread flat indices into ``numel`` values."""
     return torch.linspace(0, numel - 1, _SAMPLE, device=device).long()
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_coords(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`_sample_at`'s flat indices as one index tensor per axis of ``shape``.
+
+    Plain integer arithmetic: ``torch.unravel_index`` checks its arguments
+    through ``torch.fx``'s symbolic shapes, whose first import (sympy) cost
+    the first click of a process 0.7 s.
+    """
+    flat = _sample_at(math.prod(shape), device)
+    coords = []
+    for size in reversed(shape):
+        coords.append(flat % size)
+        flat = flat // size
+    return tuple(reversed(coords))
 
 
 def can_factor(transformer: nn.Module, n_tokens: int) -> bool:
