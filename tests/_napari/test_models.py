@@ -79,3 +79,40 @@ def test_precision_choice_is_validated_and_bumps_the_token():
         models.ModelSlot(
             "vit_b", "cpu", precision="half", on_change=print, on_status=print, on_error=print
         )
+
+
+@pytest.mark.gui
+def test_background_load_sets_the_model_and_warms_the_first_preview(qtbot, tiny_model, monkeypatch):
+    import threading
+
+    import napari.utils.colormaps
+
+    seen = {}
+
+    def load(source, device, progress):
+        seen["load"] = (source, device, threading.current_thread())
+        return tiny_model
+
+    monkeypatch.setattr(models.weights, "load_model", load)
+    real = napari.utils.colormaps.label_colormap
+    monkeypatch.setattr(
+        napari.utils.colormaps,
+        "label_colormap",
+        lambda *a, **k: seen.setdefault("warm", threading.current_thread()) and real(*a, **k),
+    )
+    statuses, errors, ready = [], [], []
+    slot = models.ModelSlot(
+        "vit_b",
+        "cpu",
+        on_change=lambda: None,
+        on_status=statuses.append,
+        on_error=errors.append,
+    )
+    slot.start_load(on_ready=lambda: ready.append(True))
+    qtbot.waitUntil(lambda: bool(ready), timeout=30_000)
+    assert slot.model is tiny_model and slot.job is None and not errors
+    assert statuses[-1] == "Model vit_b ready"
+    assert seen["load"][0] == "vit_b" and seen["load"][1] == "cpu"
+    worker_thread = seen["load"][2]
+    assert worker_thread is not threading.main_thread()
+    assert seen["warm"] is worker_thread  # in the worker, after the load
