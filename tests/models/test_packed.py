@@ -54,6 +54,13 @@ def test_packed_linear_gives_the_linear_layer_result():
     assert got.shape == (3, 5, 40) and got.dtype == torch.bfloat16
     assert _relative(got, want) < 1e-2
     assert _relative(unbiased, F.linear(x.float(), layer.weight.float())) < 1e-2
+    strided = torch.randn(48, 6).to(torch.bfloat16).t()  # 6 rows, not contiguous
+    with torch.inference_mode():
+        got_strided = PackedLinear(layer.weight, layer.bias, rows_hint=6)(strided)
+    assert (
+        _relative(got_strided, F.linear(strided.float(), layer.weight.float(), layer.bias.float()))
+        < 1e-2
+    )
     # bf16 rounding of the same products, not a different computation
     assert _relative(got, F.linear(x, layer.weight, layer.bias).float()) < 1e-2
 
