@@ -205,6 +205,19 @@ def _open_widget(make_napari_viewer, tiny_model, data):
     return viewer, image, widget
 
 
+def _spy_on_generate(monkeypatch, record) -> None:
+    """Call ``record(kwargs)`` (in the calling thread) on every ``generate_masks`` of a run."""
+    from napari_sam._napari import automatic_run
+
+    real = automatic_run.generate_masks
+
+    def spy(model, source, **kwargs):
+        record(kwargs)
+        return real(model, source, **kwargs)
+
+    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+
+
 def _wait(widget, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
 
@@ -232,16 +245,8 @@ def test_widget_runs_2d_and_shares_the_session(make_napari_viewer, tiny_model, q
 def test_widget_exact_decoder_box_reaches_the_run(
     make_napari_viewer, tiny_model, qtbot, monkeypatch
 ):
-    from napari_sam._napari import automatic_run
-
     seen = []
-    real = automatic_run.generate_masks
-
-    def spy(model, source, **kwargs):
-        seen.append(kwargs["decoder_precision"])
-        return real(model, source, **kwargs)
-
-    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+    _spy_on_generate(monkeypatch, lambda kwargs: seen.append(kwargs["decoder_precision"]))
     _, _, widget = _open_widget(make_napari_viewer, tiny_model, _image())
     assert not widget.exact_decoder.isChecked()  # off by default: the session's precision
     assert "fp32" in widget.exact_decoder.toolTip()
@@ -265,16 +270,8 @@ def test_widget_run_computes_in_a_thread_that_ends_with_it(
     """Not in Qt's pool thread, which lives 30 s on and slows main-thread torch (clicks)."""
     import threading
 
-    from napari_sam._napari import automatic_run
-
     threads = []
-    real = automatic_run.generate_masks
-
-    def spy(model, source, **kwargs):
-        threads.append(threading.current_thread())
-        return real(model, source, **kwargs)
-
-    monkeypatch.setattr(automatic_run, "generate_masks", spy)
+    _spy_on_generate(monkeypatch, lambda kwargs: threads.append(threading.current_thread()))
     _, _, widget = _open_widget(make_napari_viewer, tiny_model, _image())
     widget.run()
     _wait(widget, qtbot)

@@ -11,9 +11,10 @@ from torch import nn
 
 from napari_sam.models import packed
 from napari_sam.models.common import MLPBlock, call_before_layers
-from napari_sam.models.image_encoder import ImageEncoderViT
 from napari_sam.models.packed import PackedLinear, pack_linears, packing_available
 from napari_sam.precision import _cast_copy
+
+from .test_image_encoder import _small_encoder  # a windowed, a global and a windowed block
 
 
 def _bf16_linear(seed: int, n_in: int = 48, n_out: int = 40) -> nn.Linear:
@@ -84,16 +85,7 @@ def test_unknown_activation_is_named():
 
 def test_pack_linears_replaces_every_linear_and_fuses_the_mlp_gelu():
     torch.manual_seed(0)
-    encoder = ImageEncoderViT(
-        img_size=64,
-        patch_size=16,
-        embed_dim=16,
-        depth=3,
-        num_heads=2,
-        out_chans=8,
-        global_attn_indexes=(1,),
-        window_size=2,
-    ).eval()
+    encoder = _small_encoder().eval()
     plain = _cast_copy(encoder, torch.bfloat16)
     packed_copy = pack_linears(_cast_copy(encoder, torch.bfloat16), rows_hint=16)
     assert not any(isinstance(m, nn.Linear) for m in packed_copy.modules())
@@ -126,16 +118,7 @@ def test_pack_linears_keeps_other_activations_apart():
 def test_between_layers_still_reaches_every_layer_of_a_packed_encoder():
     """Pre-encoding pauses before each leaf layer: packing must keep them leaves."""
     torch.manual_seed(0)
-    encoder = ImageEncoderViT(
-        img_size=64,
-        patch_size=16,
-        embed_dim=16,
-        depth=3,
-        num_heads=2,
-        out_chans=8,
-        global_attn_indexes=(1,),
-        window_size=2,
-    ).eval()
+    encoder = _small_encoder().eval()
     counts = []
     for module in (
         _cast_copy(encoder, torch.bfloat16),
