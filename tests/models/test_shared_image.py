@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,87 @@ def test_half_precision_factored_decoder_stays_close(batch, attends):
     assert bool(calls) == attends  # one half-precision prompt forms its keys and values
     err = float((masks.float() - full).abs().max()) / float(full.abs().max())
     assert err < 0.05, err
+
+
+def _tokens(decoder, sparse):
+    batch = sparse.shape[0]
+    output = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+    return torch.cat([output.expand(batch, -1, -1), sparse], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "batch", "formed"),
+    [
+        (torch.float32, 1, True),
+        (torch.float32, 3, False),
+        (torch.bfloat16, 1, True),
+        (torch.bfloat16, 3, True),
+    ],
+)
+@torch.no_grad()
+def test_formed_tokens_are_kept_where_they_pay_and_equal_the_factors(dtype, batch, formed):
+    decoder, prompt_encoder = _parts(2)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(12))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, _ = _prompts(prompt_encoder, batch, 2, seed=13)
+    decoder = decoder.to(dtype)
+    features, pe, tokens = (t.to(dtype) for t in (features, pe, _tokens(decoder, sparse)))
+    _, keys = _shared_image.factored_transformer(
+        decoder.transformer, lambda: features, pe, tokens, SharedImageWork()
+    )
+    assert (keys.formed is not None) == formed  # half precision, or one prompt
+    weight = torch.randn(24, DIM, generator=torch.Generator().manual_seed(14)).to(dtype)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(15)).to(dtype)
+    factored = dataclasses.replace(keys, formed=None).project(weight, bias, "w")
+    got = keys.project(weight, bias, "w")
+    if formed:
+        torch.testing.assert_close(got, torch.nn.functional.linear(keys.formed, weight, bias))
+        assert keys[torch.tensor([0])].formed.shape == (1, *keys.formed.shape[1:])
+    err = float((got.float() - factored.float()).abs().max() / factored.float().abs().max())
+    assert err < (1e-5 if dtype == torch.float32 else 0.03), err
+
+
+@torch.no_grad()
+def test_one_half_precision_prompt_projects_its_formed_tokens():
+    """A bf16 click gives the plain decoder's masks (the same weights) up to bf16 rounding."""
+    decoder, prompt_encoder = _parts(3)
+    features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(16))
+    pe = prompt_encoder.get_dense_pe()
+    sparse, dense = _prompts(prompt_encoder, 1, 2, seed=17)
+    half = decoder.to(torch.bfloat16)
+    args = [t.to(torch.bfloat16) for t in (features, pe, sparse, dense)]
+    calls = []
+    real = _shared_image._formed_projection
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_shared_image, "_formed_projection", spy)
+        masks, iou, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
+    assert len(calls) == 3  # layers 1 and 2, and the final attention
+    # the reference arithmetic on the bf16-rounded weights and inputs, in float32
+    plain, plain_iou = _plain(half.float(), *(t.float() for t in args), True)
+    err = float((masks.float() - plain).abs().max() / plain.abs().max())
+    assert err < 0.02, err  # bf16 rounding: about 0.012 here
+    assert float((iou.float() - plain_iou).abs().max()) < 0.01  # about 0.003
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_formed_projection_is_the_linears_side_by_side(batch):
+    gen = torch.Generator().manual_seed(18)
+    linears = [torch.nn.Linear(DIM, n) for n in (8, 8, 12)]
+    tokens = torch.randn(batch, 30, DIM, generator=gen)
+    pe = torch.randn(1, 30, DIM, generator=gen)
+    with torch.no_grad():
+        for lin in linears:
+            lin.bias.normal_(generator=gen)
+        got = _shared_image._formed_projection(
+            SharedImageWork(), "x", tokens, tuple(linears), (True, False, True), pe
+        )
+        want = torch.cat([linears[0](tokens + pe), linears[1](tokens), linears[2](tokens + pe)], -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
