@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from napari_sam.models import _shared_image
+from napari_sam.models import _shared_image, mask_decoder
 from napari_sam.models._shared_image import SharedImageWork, can_factor
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.prompt_encoder import PromptEncoder
@@ -45,6 +46,21 @@ def _prompts(prompt_encoder, batch: int, n_points: int, seed: int = 0):
     return prompt_encoder(points=(coords, labels), boxes=None, masks=None)
 
 
+@contextlib.contextmanager
+def _counting_calls(owner, name: str):
+    """Within the block ``owner.<name>`` still runs and counts its calls in the yielded list."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(owner, name, spy)
+        yield calls
+
+
 def _plain(decoder, *args):
     decoder.share_image_work = False
     try:
@@ -63,16 +79,8 @@ def test_factored_decoder_equals_plain_decoder(depth, multimask, batch, with_wor
     pe = prompt_encoder.get_dense_pe()
     sparse, dense = _prompts(prompt_encoder, batch, 2)
     assert can_factor(decoder.transformer, decoder.num_mask_tokens + 1 + sparse.shape[1])
-    calls = []
-    real = _shared_image.factored_transformer
     work = SharedImageWork() if with_work else None
-
-    def spy(*args):
-        calls.append(1)
-        return real(*args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("napari_sam.models.mask_decoder.factored_transformer", spy)
+    with _counting_calls(mask_decoder, "factored_transformer") as calls:
         masks, iou, index = decoder.forward_selected(
             features, pe, sparse, dense, multimask, image_work=work
         )
@@ -132,18 +140,10 @@ def test_half_precision_factored_decoder_stays_close(batch, attends):
     half = decoder.to(torch.bfloat16)
     args = [t.to(torch.bfloat16) for t in (features, pe, sparse)]
     args.append(dense[:1].to(torch.bfloat16).expand_as(dense))  # shared, as the encoder gives it
-    calls = []
-    real = _shared_image.FactoredKeys.attend
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_shared_image.FactoredKeys, "attend", spy)
+    with _counting_calls(_shared_image.FactoredKeys, "attend") as calls:
         masks, _, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
     assert masks.dtype == torch.bfloat16
-    assert bool(calls) == attends  # one half-precision prompt forms its keys and values
+    assert bool(calls) == attends  # one half-precision prompt projects its formed tokens
     err = float((masks.float() - full).abs().max()) / float(full.abs().max())
     assert err < 0.05, err
 
@@ -195,15 +195,7 @@ def test_one_half_precision_prompt_projects_its_formed_tokens():
     sparse, dense = _prompts(prompt_encoder, 1, 2, seed=17)
     half = decoder.to(torch.bfloat16)
     args = [t.to(torch.bfloat16) for t in (features, pe, sparse, dense)]
-    calls = []
-    real = _shared_image._formed_projection
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_shared_image, "_formed_projection", spy)
+    with _counting_calls(_shared_image, "_formed_projection") as calls:
         masks, iou, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
     assert len(calls) == 3  # layers 1 and 2, and the final attention
     # the reference arithmetic on the bf16-rounded weights and inputs, in float32
