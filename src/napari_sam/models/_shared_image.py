@@ -277,6 +277,9 @@ class FactoredKeys:
     ) -> torch.Tensor:
         """``F.linear(keys_level, weight, bias) (+ added)`` for every prompt: ``B x N x out``.
 
+        From the factors, or for the last level from :attr:`formed` where
+        the tokens were kept.
+
         Parameters
         ----------
         weight : Tensor of shape (out, C)
