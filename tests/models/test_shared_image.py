@@ -13,7 +13,7 @@ from napari_sam.models import _shared_image, mask_decoder
 from napari_sam.models._shared_image import SharedImageWork, can_factor
 from napari_sam.models.mask_decoder import MaskDecoder
 from napari_sam.models.prompt_encoder import PromptEncoder
-from napari_sam.models.transformer import TwoWayTransformer
+from napari_sam.models.transformer import Attention, TwoWayTransformer
 
 from .._reference import randomize_
 
@@ -129,9 +129,9 @@ def test_attention_over_factors_equals_attention_over_formed_keys(batch):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6 * scale)
 
 
-@pytest.mark.parametrize(("batch", "attends"), [(1, False), (4, True)])
+@pytest.mark.parametrize("batch", [1, 4])
 @torch.no_grad()
-def test_half_precision_factored_decoder_stays_close(batch, attends):
+def test_half_precision_factored_decoder_stays_close(batch):
     decoder, prompt_encoder = _parts(2)
     features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(10))
     pe = prompt_encoder.get_dense_pe()
@@ -140,10 +140,13 @@ def test_half_precision_factored_decoder_stays_close(batch, attends):
     half = decoder.to(torch.bfloat16)
     args = [t.to(torch.bfloat16) for t in (features, pe, sparse)]
     args.append(dense[:1].to(torch.bfloat16).expand_as(dense))  # shared, as the encoder gives it
-    with _counting_calls(_shared_image.FactoredKeys, "attend") as calls:
+    with (
+        _counting_calls(_shared_image.FactoredKeys, "attend") as over_factors,
+        _counting_calls(_shared_image, "_attend_through") as through,
+    ):
         masks, _, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
     assert masks.dtype == torch.bfloat16
-    assert bool(calls) == attends  # one half-precision prompt projects its formed tokens
+    assert not over_factors and len(through) == 2  # half precision: through the formed tokens
     err = float((masks.float() - full).abs().max()) / float(full.abs().max())
     assert err < 0.05, err
 
@@ -187,17 +190,22 @@ def test_formed_tokens_are_kept_where_they_pay_and_equal_the_factors(dtype, batc
 
 
 @torch.no_grad()
-def test_one_half_precision_prompt_projects_its_formed_tokens():
-    """A bf16 click gives the plain decoder's masks (the same weights) up to bf16 rounding."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_half_precision_attends_through_the_formed_tokens(batch):
+    """bf16 prompts give the plain decoder's masks (the same weights) up to bf16 rounding."""
     decoder, prompt_encoder = _parts(3)
     features = torch.randn(1, DIM, *HW, generator=torch.Generator().manual_seed(16))
     pe = prompt_encoder.get_dense_pe()
-    sparse, dense = _prompts(prompt_encoder, 1, 2, seed=17)
+    sparse, dense = _prompts(prompt_encoder, batch, 2, seed=17)
     half = decoder.to(torch.bfloat16)
-    args = [t.to(torch.bfloat16) for t in (features, pe, sparse, dense)]
-    with _counting_calls(_shared_image, "_formed_projection") as calls:
+    args = [t.to(torch.bfloat16) for t in (features, pe, sparse)]
+    args.append(dense[:1].to(torch.bfloat16).expand_as(dense))
+    with (
+        _counting_calls(_shared_image, "_attend_through") as attends,
+        _counting_calls(_shared_image, "_few_keys_mix_through") as mixes,
+    ):
         masks, iou, _ = half.forward_selected(*args, True, image_work=SharedImageWork())
-    assert len(calls) == 3  # layers 1 and 2, and the final attention
+    assert len(attends) == 3 and len(mixes) == 2  # layers 1 and 2 (and the final attention)
     # the reference arithmetic on the bf16-rounded weights and inputs, in float32
     plain, plain_iou = _plain(half.float(), *(t.float() for t in args), True)
     err = float((masks.float() - plain).abs().max() / plain.abs().max())
@@ -205,20 +213,34 @@ def test_one_half_precision_prompt_projects_its_formed_tokens():
     assert float((iou.float() - plain_iou).abs().max()) < 0.01  # about 0.003
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_formed_projection_is_the_linears_side_by_side(batch):
-    gen = torch.Generator().manual_seed(18)
-    linears = [torch.nn.Linear(DIM, n) for n in (8, 8, 12)]
+def _image_side(batch: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, 30, DIM, generator=gen)
     pe = torch.randn(1, 30, DIM, generator=gen)
+    attn = Attention(DIM, 4, downsample_rate=2)
     with torch.no_grad():
-        for lin in linears:
-            lin.bias.normal_(generator=gen)
-        got = _shared_image._formed_projection(
-            SharedImageWork(), "x", tokens, tuple(linears), (True, False, True), pe
-        )
-        want = torch.cat([linears[0](tokens + pe), linears[1](tokens), linears[2](tokens + pe)], -1)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.bias.normal_(generator=gen)  # nonzero: each must be added where it belongs
+    return tokens, pe, attn, gen
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_attention_through_formed_tokens_equals_the_projected_attention(batch):
+    tokens, pe, attn, gen = _image_side(batch, seed=18)
+    q = torch.randn(batch, 5, DIM, generator=gen)
+    work = SharedImageWork()
+    got = _shared_image._attend_through(work, ("a",), attn, q, tokens, pe)
+    want = attn._few_queries(attn.q_proj(q), attn.k_proj(tokens + pe), attn.v_proj(tokens))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    again = _shared_image._attend_through(work, ("a",), attn, q, tokens, pe)  # shared term kept
+    torch.testing.assert_close(again, got)
+
+    kp = attn.k_proj(q)
+    mix = _shared_image._few_keys_mix_through(work, ("m",), attn, kp, tokens, pe)
+    want_mix, _ = attn._few_keys_factors(attn.q_proj(tokens + pe), kp, attn.v_proj(q))
+    assert mix.shape == (batch, 30, 4 * 5)
+    torch.testing.assert_close(mix, want_mix, rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()

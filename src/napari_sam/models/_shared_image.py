@@ -28,21 +28,23 @@ tokens then costs ``4096 x R`` multiply-adds per output channel with
 ``R = 56`` instead of 256. The same sums in another order: equal to the
 direct arithmetic up to float rounding. Each level's tokens are still
 materialised once (a residual needs them), and its norm gives their
-statistics. In float32 (and for batches in half precision) the
-token-to-image attentions after the first layer never form their keys and
-values either (:meth:`FactoredKeys.attend`): the
-queries are contracted with each factor first, and the values' factors are
-summed with the attention weights.
+statistics. In float32 the token-to-image attentions after the first
+layer never form their keys and values either (:meth:`FactoredKeys.attend`):
+the queries are contracted with each factor first, and the values' factors
+are summed with the attention weights.
 
-Where the factors do not pay, the materialised tokens are projected
-instead (:attr:`FactoredKeys.formed`): one half-precision prompt (a click)
-projects every layer's tokens with plain matmuls, and in half precision,
-or for one prompt, the mask upscaling starts from the last layer's tokens.
-In half precision on a CPU a low-rank product ``N x R`` by ``R x out``
-(``R = 56``) runs at a fifth of the rate of a full-width ``N x C`` by
-``C x out`` one and needs several passes over its ``N x out`` result,
-so the plain projection is the faster one (measured on a Xeon with AMX:
-a click 22.1 ms against 27.7 ms).
+In half precision the attentions after the first layer go through the
+formed tokens instead, forming no keys, values or image queries either
+(:func:`_attend_through`, :func:`_few_keys_mix_through`): the prompt side
+is contracted with the projection's weight first (``(q W_k) x^T``, then
+``(p x) W_v^T``), a few products of ``N x C`` tokens with ``C x heads T``
+per prompt. On a CPU in bf16 a low-rank ``N x R`` by ``R x out`` product
+(``R = 56``) runs at a fifth of the rate of a full-width one, and a pass
+over an ``N x out`` result costs about as much as such a product, so this
+is the faster form there (measured on a Xeon with AMX: batches of 4, 6.1
+against 7.5 ms a prompt; one prompt 20.0 ms, 27.7 ms with the factors).
+The mask upscaling then starts from the last formed tokens
+(:attr:`FactoredKeys.formed`), in half precision or for one prompt.
 """
 
 from __future__ import annotations
@@ -211,9 +213,9 @@ class FactoredKeys:
     work : SharedImageWork
         Shared products (filled on demand).
     formed : Tensor of shape (B, N, C), optional
-        The last level's tokens after its norm, where they were materialised
-        and projecting them beats the factors (:func:`factored_transformer`
-        decides); :meth:`project` of the last level then uses them.
+        The last level's tokens after its norm, where projecting them beats
+        the factors (:func:`factored_transformer` decides); :meth:`project`
+        of the last level then uses them.
     """
 
     x_c: torch.Tensor
@@ -484,11 +486,9 @@ def factored_transformer(
     x_c = work.get("x_c", lambda: (x.float() - x.float().mean(-1, keepdim=True)).to(x.dtype))
     levels: list[_Level] = []
     keys = FactoredKeys(x_c, levels, work)
-    # Attention over the factors (FactoredKeys.attend) in float32, and for batches in half
-    # precision; one half-precision prompt projects its formed tokens (measured: its per-head
-    # few-row matmuls cost far more than their arithmetic; 4 prompts 21 vs 27 ms).
+    # After the first layer: attention over the factors (FactoredKeys.attend) in float32,
+    # through the formed tokens in half precision (see the module notes).
     half, batch = x.dtype in _HALF, tokens.shape[0]
-    direct = not half or batch > 1
     queries, query_pe = tokens, tokens
     image: torch.Tensor | None = None  # the current level's normalised image tokens
     for i, layer in enumerate(transformer.layers):
@@ -501,19 +501,21 @@ def factored_transformer(
             kv = work.get(("kv", 0), lambda l=layer: _shared_kv(l, x, pe))
             q_img = work.get(("q", 0), lambda l=layer: _shared_q(l, x, pe))
             attended = t2i._few_queries(t2i.q_proj(q), kv[..., :inner], kv[..., inner:])
-        elif direct:
+        elif half:
+            attended = _attend_through(work, ("t2i", i), t2i, q, image, pe)
+        else:
             attended = keys.attend(t2i, q, pe, f"layer{i}", level=i)
             q_img = _level_queries(keys, layer, pe, i)
-        else:
-            linears = (t2i.k_proj, t2i.v_proj, i2t.q_proj)
-            out = _formed_projection(work, i, image, linears, (True, False, True), pe)
-            kv, q_img = out[..., : 2 * inner], out[..., 2 * inner :]
-            attended = t2i._few_queries(t2i.q_proj(q), kv[..., :inner], kv[..., inner:])
         queries = layer.norm2(queries + t2i.out_proj(attended))
         queries = layer.norm3(queries + layer.mlp(queries))
 
         q = queries + query_pe
-        p, u = i2t._few_keys_factors(q_img, i2t.k_proj(q), i2t.v_proj(queries))  # B x N x R, R x C
+        kp, vp = i2t.k_proj(q), i2t.v_proj(queries)
+        if i > 0 and half:  # B x N x R, B x R x C
+            p = _few_keys_mix_through(work, ("i2t", i), i2t, kp, image, pe)
+            u = i2t._folded_values(vp, batch)
+        else:
+            p, u = i2t._few_keys_factors(q_img, kp, vp)
         if i == 0:  # centred values keep y_1 centred like x_c (no cancellation later)
             u = u - u.mean(dim=-1, keepdim=True)
             y = torch.baddbmm(x_c.expand(p.shape[0], -1, -1), p, u)
@@ -528,13 +530,10 @@ def factored_transformer(
 
     final = transformer.final_attn_token_to_image
     q = queries + query_pe
-    if direct:
-        attended = keys.attend(final, q, pe, "final", level=len(levels))
+    if half:
+        attended = _attend_through(work, ("final",), final, q, image, pe)
     else:
-        linears = (final.k_proj, final.v_proj)
-        kv = _formed_projection(work, "final", image, linears, (True, False), pe)
-        inner = final.internal_dim
-        attended = final._few_queries(final.q_proj(q), kv[..., :inner], kv[..., inner:])
+        attended = keys.attend(final, q, pe, "final", level=len(levels))
     queries = transformer.norm_final_attn(queries + final.out_proj(attended))
     if half or batch == 1:
         # The upscaling projects the formed tokens (measured: bf16 batches of 4, 8.2 vs 8.5 ms
@@ -554,35 +553,95 @@ def _shared_q(layer: TwoWayAttentionBlock, x: torch.Tensor, pe: torch.Tensor) ->
     return layer.cross_attn_image_to_token.q_proj(x + pe)
 
 
-def _formed_projection(
+def _logits_through(
     work: SharedImageWork,
-    name: object,
+    name: tuple,
+    vectors: torch.Tensor,
+    linear: nn.Linear,
     tokens: torch.Tensor,
-    linears: tuple[nn.Linear, ...],
-    with_pe: tuple[bool, ...],
     pe: torch.Tensor,
 ) -> torch.Tensor:
-    """The outputs of ``linears`` side by side for formed image tokens: ``B x N x sum(out)``.
+    """``vectors @ linear(tokens + pe)^T`` without forming the projection: ``B x R x N``.
 
-    Linear ``i`` sees ``tokens + pe`` where ``with_pe[i]``, else ``tokens``.
-    The concatenated weight and the shared term (projected ``pe`` plus
-    biases) are kept in ``work`` under ``name``; one prompt's projection is
-    a single ``addmm``.
+    ``(vectors W) tokens^T + vectors (W pe + b)^T``: the first a product
+    with ``C``-wide rows per prompt, the second with a shared term kept in
+    ``work`` under ``name``.
+
+    Parameters
+    ----------
+    vectors : Tensor of shape (B, R, inner)
+        Prompt-side vectors (block-diagonal per head, scaled).
+    linear : nn.Linear
+        The image-side projection, ``inner x C``.
+    tokens : Tensor of shape (B, N, C)
+        Formed image tokens.
+    pe : Tensor of shape (1, N, C)
     """
-    weight = work.get(("formed", name), lambda: torch.cat([lin.weight for lin in linears]))
+    weight = linear.weight
+    shift = work.get(("through", *name), lambda: F.linear(pe, weight, linear.bias))  # 1 x N x inner
+    batch, rows, inner = vectors.shape
+    base = (vectors.reshape(-1, inner) @ shift[0].T).view(batch, rows, -1)
+    return torch.baddbmm(base, vectors @ weight, tokens.transpose(1, 2))
 
-    def shared() -> torch.Tensor:  # 1 x N x out
-        n = pe.shape[1]
-        parts = [
-            F.linear(pe, lin.weight, lin.bias) if use else lin.bias.expand(1, n, -1)
-            for lin, use in zip(linears, with_pe, strict=True)
-        ]
-        return torch.cat(parts, dim=-1)
 
-    added = work.get(("formed shift", name), shared)
-    if tokens.shape[0] == 1:
-        return torch.addmm(added[0], tokens[0], weight.T)[None]
-    return torch.matmul(tokens, weight.T).add_(added)
+def _attend_through(
+    work: SharedImageWork,
+    name: tuple,
+    attn: Attention,
+    q: torch.Tensor,
+    tokens: torch.Tensor,
+    pe: torch.Tensor,
+) -> torch.Tensor:
+    """Prompt tokens attending to formed image tokens, their keys and values never formed.
+
+    Equals ``attn._few_queries(attn.q_proj(q), attn.k_proj(tokens + pe),
+    attn.v_proj(tokens))`` up to rounding: the logits by
+    :func:`_logits_through`, each head's output as ``(p tokens) W_v^T`` (its
+    probabilities sum to 1, so it gets the bias once).
+
+    Parameters
+    ----------
+    q : Tensor of shape (B, T, C)
+        Prompt tokens plus their positional encoding.
+    tokens : Tensor of shape (B, N, C)
+    pe : Tensor of shape (1, N, C)
+
+    Returns
+    -------
+    Tensor of shape (B, T, inner)
+        The head outputs side by side, before ``out_proj``.
+    """
+    qp = attn.q_proj(q)
+    batch, n_q, inner = qp.shape
+    heads = attn.num_heads
+    d = inner // heads
+    q_bd = _block_diagonal(qp, heads) * (1.0 / math.sqrt(d))  # B x heads T x inner
+    probs = _logits_through(work, name, q_bd, attn.k_proj, tokens, pe).softmax(dim=-1)
+    mixed = torch.bmm(probs, tokens)  # B x heads T x C
+    full = F.linear(mixed, attn.v_proj.weight, attn.v_proj.bias)  # B x heads T x inner
+    own = torch.diagonal(full.view(batch, heads, n_q, heads, d), dim1=1, dim2=3)
+    return own.permute(0, 1, 3, 2).reshape(batch, n_q, inner)  # each head's own columns
+
+
+def _few_keys_mix_through(
+    work: SharedImageWork,
+    name: tuple,
+    attn: Attention,
+    kp: torch.Tensor,
+    tokens: torch.Tensor,
+    pe: torch.Tensor,
+) -> torch.Tensor:
+    """Image tokens attending to the prompt keys ``kp``, image queries never formed.
+
+    The probabilities of :meth:`Attention._few_keys_factors` for the queries
+    ``attn.q_proj(tokens + pe)``: ``B x N x heads T`` (a transposed view).
+    """
+    heads = attn.num_heads
+    scale = 1.0 / math.sqrt(kp.shape[-1] // heads)
+    k_bd = _block_diagonal(kp, heads) * scale  # B x heads T x inner
+    logits = _logits_through(work, name, k_bd, attn.q_proj, tokens, pe)  # B x heads T x N
+    probs = logits.view(kp.shape[0], heads, kp.shape[1], -1).softmax(dim=2)
+    return probs.flatten(1, 2).transpose(1, 2)
 
 
 def _level_queries(

@@ -277,17 +277,24 @@ class Attention(nn.Module):
             ``bias / heads`` (each head's probabilities sum to 1, so every
             output gets the bias once).
         """
-        _, n_k, inner = kp.shape
-        heads = self.num_heads
-        d = inner // heads
         batch = max(qp.shape[0], kp.shape[0], vp.shape[0])
         # B x Nq x h Nk (keys-first logits: the softmax over few keys is vectorised)
         mix = self._few_keys_probs(qp, kp).flatten(1, 2).transpose(1, 2)
+        return mix, self._folded_values(vp, batch)
+
+    def _folded_values(self, vp: torch.Tensor, batch: int) -> torch.Tensor:
+        """Each head's few values through its slice of ``out_proj``: ``B x heads Nk x C``.
+
+        Plus ``bias / heads`` (each head's probabilities sum to 1, so every
+        output gets the bias once); ``vp`` is ``(B or 1) x Nk x inner``.
+        """
+        n_k, inner = vp.shape[1:]
+        heads = self.num_heads
+        d = inner // heads
         weight = self.out_proj.weight.view(-1, heads, d)  # C x heads x d
         projected = torch.einsum("bkhd,chd->bhkc", vp.view(vp.shape[0], n_k, heads, d), weight)
         projected = projected + self.out_proj.bias / heads
-        projected = projected.expand(batch, -1, -1, -1).flatten(1, 2)  # B x h Nk x C
-        return mix, projected
+        return projected.expand(batch, -1, -1, -1).flatten(1, 2)  # B x h Nk x C
 
 
 def _block_diagonal(x: torch.Tensor, heads: int) -> torch.Tensor:
