@@ -49,7 +49,7 @@ from ._amg_settings import (
     Steps,
 )
 from ._rle import RunLengthMask, encode_masks
-from .precision import check_precision, resolve_precision
+from .precision import check_precision
 from .predict import ImageEmbedding, decode_low_res, encode_image, upscale_logits
 
 if TYPE_CHECKING:
@@ -76,12 +76,14 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 23
 # On CPU the mask decoder is both faster and far lighter with few prompts per
 # call (its working set stays in cache): at most this many low-res logit
-# pixels per call, i.e. 8 prompts for 1024 px models (256 x 256 logits), 4 in
-# half precision. Measured on ViT-B, 2 cores: 64 prompts in 4 calls of 16 took
-# 0.82x the time of one call of 64, and ~0 instead of 1.3-2.2 GiB of transient
-# memory. With the factored decoder (models/_shared_image.py) fewer still pay:
-# IoU pass per prompt, 2 threads, a training run beside it: fp32 16.2 ms at 8
-# per call, 17.9 at 16, 20.7 at 32; bf16 10.9 ms at 4, 11.3 at 8, 13.1 at 16.
+# pixels per call, i.e. 8 prompts for 1024 px models (256 x 256 logits).
+# Measured on ViT-B, 2 cores: 64 prompts in 4 calls of 16 took 0.82x the time
+# of one call of 64, and ~0 instead of 1.3-2.2 GiB of transient memory. With
+# the factored decoder (models/_shared_image.py) fewer still pay: IoU pass per
+# prompt, 2 threads, a training run beside it: fp32 16.2 ms at 8 per call,
+# 17.9 at 16, 20.7 at 32. bf16 since its attention through the formed tokens
+# (Xeon with AMX, quiet): 6.1 to 6.4 ms at 4, 5.3 at 8, 5.0 to 5.5 at 16, 6.5
+# at 32 (it took 4 before: 10.9 ms at 4, 11.3 at 8, 13.1 at 16).
 _CPU_DECODE_PIXELS = 1 << 19
 
 
@@ -121,8 +123,8 @@ def generate_masks(
         Grid of ``points_per_side**2`` prompts on the whole image.
     points_per_batch : int
         Prompts per step (decode, filter, progress, cancel). On CPU the decoder
-        takes at most 8 of them per call at 1024 px, 4 in half precision
-        (faster there, and far lighter). Results depend on neither.
+        takes at most 8 of them per call at 1024 px (faster there, and far
+        lighter). Results depend on neither.
     pred_iou_thresh : float
         Keep masks whose predicted IoU is above this (0 keeps all).
     stability_score_thresh : float
@@ -361,15 +363,12 @@ def _decode(
     predicted IoU is above ``iou_above`` (every point when None; the other
     points' masks are never upscaled), the IoU ``(B, M)`` of every point, and
     the S point indices. On CPU the points go through the decoder
-    :data:`_CPU_DECODE_PIXELS` at a time, half that in half precision
-    (results do not depend on it).
+    :data:`_CPU_DECODE_PIXELS` at a time (results do not depend on it).
     """
     step = len(points_xy)
     if model.device.type == "cpu":
         h4, w4 = embedding.mask_input_hw
-        dtype = embedding.features.dtype if precision is None else resolve_precision(precision)
-        pixels = _CPU_DECODE_PIXELS if dtype == torch.float32 else _CPU_DECODE_PIXELS // 2
-        step = max(1, min(step, pixels // (h4 * w4)))
+        step = max(1, min(step, _CPU_DECODE_PIXELS // (h4 * w4)))
     logits, iou, index = [], [], []
     for start in range(0, len(points_xy), step):
         coords = torch.from_numpy(points_xy[start : start + step])[:, None, :]  # b x 1 x 2
