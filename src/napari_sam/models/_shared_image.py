@@ -60,7 +60,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import module_tensors
-from .transformer import _HALF, Attention, TwoWayAttentionBlock, TwoWayTransformer, _block_diagonal
+from .transformer import (
+    _HALF,
+    Attention,
+    TwoWayAttentionBlock,
+    TwoWayTransformer,
+    _block_diagonal,
+    _own_columns,
+)
 
 __all__ = ["FactoredKeys", "SharedImageWork", "can_factor", "factored_transformer"]
 
@@ -422,8 +429,7 @@ class FactoredKeys:
         full = torch.bmm(by_prompt, lv.p) @ (lv.u @ weight.T)  # B x heads T x inner
         ones = self.work.get((*name, "ones"), lambda: weight.sum(dim=1))
         full.addcmul_(torch.bmm(by_prompt, lv.mean), ones, value=-1)
-        own = torch.diagonal(full.view(batch, heads, n_q, heads, d), dim1=1, dim2=3)
-        own = own.permute(0, 1, 3, 2).reshape(batch, n_q, inner)  # each head's own columns
+        own = _own_columns(full, heads)  # B x T x inner
         per_head = own.view(batch, n_q, heads, d)
         if level == 1:
             shared = self.work.get(  # heads x N x d
@@ -612,15 +618,13 @@ def _attend_through(
         The head outputs side by side, before ``out_proj``.
     """
     qp = attn.q_proj(q)
-    batch, n_q, inner = qp.shape
     heads = attn.num_heads
-    d = inner // heads
+    d = qp.shape[-1] // heads
     q_bd = _block_diagonal(qp, heads) * (1.0 / math.sqrt(d))  # B x heads T x inner
     probs = _logits_through(work, name, q_bd, attn.k_proj, tokens, pe).softmax(dim=-1)
     mixed = torch.bmm(probs, tokens)  # B x heads T x C
     full = F.linear(mixed, attn.v_proj.weight, attn.v_proj.bias)  # B x heads T x inner
-    own = torch.diagonal(full.view(batch, heads, n_q, heads, d), dim1=1, dim2=3)
-    return own.permute(0, 1, 3, 2).reshape(batch, n_q, inner)  # each head's own columns
+    return _own_columns(full, heads)
 
 
 def _few_keys_mix_through(

@@ -184,11 +184,10 @@ class Attention(nn.Module):
             logits = torch.bmm(kp, q_bd.transpose(1, 2)).transpose(1, 2)
         probs = logits.softmax(dim=-1)  # B x heads Nq x Nk
         if vp.shape[0] == 1:
-            full = (probs.view(-1, probs.shape[-1]) @ vp[0]).view(batch, heads, n_q, heads, d)
+            full = (probs.view(-1, probs.shape[-1]) @ vp[0]).view(batch, heads * n_q, inner)
         else:
-            full = torch.bmm(probs, vp.expand(batch, -1, -1)).view(batch, heads, n_q, heads, d)
-        own = torch.diagonal(full, dim1=1, dim2=3)  # B x Nq x d x heads
-        return own.permute(0, 1, 3, 2).reshape(batch, n_q, inner)
+            full = torch.bmm(probs, vp.expand(batch, -1, -1))
+        return _own_columns(full, heads)
 
     def _few_keys(
         self,
@@ -304,6 +303,18 @@ def _block_diagonal(x: torch.Tensor, heads: int) -> torch.Tensor:
     eye = torch.eye(heads, dtype=x.dtype, device=x.device)
     per_head = x.view(batch, n, heads, d).transpose(1, 2)  # B x heads x n x d
     return (per_head[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(batch, -1, inner)
+
+
+def _own_columns(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``B x heads n x inner`` -> ``B x n x inner``: head ``h``'s rows give its own columns.
+
+    The inverse of :func:`_block_diagonal` for a product whose row blocks are
+    per head (each head's output read off the diagonal blocks).
+    """
+    batch, rows, inner = x.shape
+    n, d = rows // heads, inner // heads
+    own = torch.diagonal(x.view(batch, heads, n, heads, d), dim1=1, dim2=3)  # B x n x d x heads
+    return own.permute(0, 1, 3, 2).reshape(batch, n, inner)
 
 
 def _project(linear: nn.Linear, x: torch.Tensor, pe: torch.Tensor | None) -> torch.Tensor:
