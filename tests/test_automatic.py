@@ -123,14 +123,47 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+_TIE = 1e-6  # predicted IoUs this close are tied: their order is rounding
+
+
+def _tied_with(theirs: list[dict], i: int) -> list[int]:
+    """Position ``i`` and its neighbours in the reference's order whose scores tie with it."""
+    if i >= len(theirs):
+        return []
+    lo = hi = i
+    score = [t["predicted_iou"] for t in theirs]
+    while lo > 0 and abs(score[lo - 1] - score[lo]) <= _TIE:
+        lo -= 1
+    while hi + 1 < len(theirs) and abs(score[hi + 1] - score[hi]) <= _TIE:
+        hi += 1
+    return [i, *(j for j in range(lo, hi + 1) if j != i)]
+
+
 def _match(ours: list[MaskRecord], theirs: list[dict], ordered: bool) -> list[tuple[int, int]]:
     """Pairs ``(i, j)`` of our mask ``i`` and the reference's mask ``j``.
 
-    In order when ``ordered``; otherwise each of our masks is paired with the
-    unused reference mask of the same prompt point and crop with the best IoU.
+    In order when ``ordered``, except among masks whose predicted IoUs tie to
+    rounding (``_TIE``): their order is the order of two float32 sums that
+    agree to 1e-7 (ViT-B at 1024 px, two masks 6e-8 apart swapped when the
+    embedding moved by 1e-6). Our mask ``i`` then pairs with the tied
+    reference mask of the same point and crop. Otherwise each of our masks is
+    paired with the unused reference mask of the same prompt point and crop
+    with the best IoU.
     """
     if ordered:
-        return [(i, i) for i in range(len(ours))]
+        pairs, used = [], set()
+        for i, o in enumerate(ours):
+            key = (*np.round(o.point_xy, 6), *o.crop_box_xywh)
+            tied = [
+                j
+                for j in _tied_with(theirs, i)
+                if j not in used
+                and (*np.round(theirs[j]["point_coords"][0], 6), *theirs[j]["crop_box"]) == key
+            ]
+            j = tied[0] if tied else i
+            used.add(j)
+            pairs.append((i, j))
+        return pairs
     groups: dict[tuple, list[int]] = {}
     for j, t in enumerate(theirs):
         key = (*np.round(t["point_coords"][0], 6), *t["crop_box"])
