@@ -78,6 +78,54 @@ def test_fused_gelu_is_the_exact_gelu_of_the_output():
     assert (got < 0).any()  # GELU, not ReLU: negative outputs survive
 
 
+def test_residual_is_added_in_the_kernel_and_left_unchanged():
+    layer = _bf16_linear(2)
+    x = torch.randn(2, 6, 48).to(torch.bfloat16)
+    residual = (torch.randn(2, 6, 40) * 4).to(torch.bfloat16)
+    kept = residual.clone()
+    want = F.linear(x.float(), layer.weight.float(), layer.bias.float()) + residual.float()
+    with torch.inference_mode():
+        packed_layer = PackedLinear(layer.weight, layer.bias, rows_hint=12)
+        got = packed_layer(x, residual=residual)
+        separate = packed_layer(x).float() + residual.float()
+    assert got.shape == residual.shape and got.dtype == torch.bfloat16
+    assert torch.equal(residual, kept)
+    assert _relative(got, want) < 1e-2
+    # one rounding of the sum, not two: at least as close as layer-then-add
+    assert (got.float() - want).abs().max() <= (separate.bfloat16().float() - want).abs().max()
+
+
+def test_a_residual_with_an_activation_is_refused():
+    layer = _bf16_linear(3)
+    fused = PackedLinear(layer.weight, layer.bias, rows_hint=4, activation="gelu")
+    x = torch.randn(4, 48).to(torch.bfloat16)
+    with torch.inference_mode(), pytest.raises(ValueError, match="without an activation"):
+        fused(x, residual=torch.zeros(4, 40, dtype=torch.bfloat16))
+
+
+def test_packed_encoder_adds_the_residual_stream_in_the_projections(monkeypatch):
+    """Each block's attention projection and second feed-forward layer add the stream."""
+    torch.manual_seed(0)
+    encoder = _small_encoder().eval()
+    packed_copy = pack_linears(_cast_copy(encoder, torch.bfloat16), rows_hint=16)
+    with_residual = []
+    real = PackedLinear.forward
+
+    def spy(self, x, residual=None):
+        with_residual.append((self, residual is not None))
+        return real(self, x, residual)
+
+    monkeypatch.setattr(PackedLinear, "forward", spy)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        got = packed_copy(images.to(torch.bfloat16)).float()
+        want = encoder(images)
+    added = [layer for layer, has in with_residual if has]
+    expected = [m for b in packed_copy.blocks for m in (b.attn.proj, b.mlp.lin2)]
+    assert added == expected
+    assert _relative(got, want) < 3e-2
+
+
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match=r"activation must be one of .*'relu'"):
         PackedLinear(torch.zeros(2, 2, dtype=torch.bfloat16), None, rows_hint=4, activation="relu")

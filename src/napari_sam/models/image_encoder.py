@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+from .packed import PackedLinear
 from .rel_pos import decomposed_rel_pos_bias, rel_pos_attention
 
 __all__ = ["ImageEncoderViT", "decomposed_rel_pos_bias", "merge_windows", "split_windows"]
@@ -139,14 +140,26 @@ class RelPosAttention(nn.Module):
         -------
         Tensor of shape (B, H, W, C)
         """
+        return self.proj(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's heads, concatenated, before the output projection ``proj``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (B, H, W, C)
+
+        Returns
+        -------
+        Tensor of shape (B, H, W, C)
+        """
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1)  # B x N x 3 x heads x D
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B x heads x N x D
         out = rel_pos_attention(
             q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale, fold=self.fold
         )
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(b, h, w, c)
 
 
 class EncoderBlock(nn.Module):
@@ -193,17 +206,30 @@ class EncoderBlock(nn.Module):
         y = self.norm1(x)
         if self.window > 0:
             # Padding is added after the norm, so padded tokens are exact zeros.
+            # The projection is per token, so it runs after the merge, on the
+            # tokens that are kept.
             hw = (y.shape[1], y.shape[2])
             windows, padded_hw = split_windows(y, self.window)
-            y = merge_windows(self.attn(windows), self.window, padded_hw, hw)
+            y = merge_windows(self.attn.attend(windows), self.window, padded_hw, hw)
         else:
-            y = self.attn(y)
+            y = self.attn.attend(y)
+        mlp = self.mlp
         if torch.is_grad_enabled():
-            x = x + y
-            return x + self.mlp(self.norm2(x))
-        # Inference: update the residual stream in place (no fresh B x h x w x C blocks).
-        x = x.add_(y)
-        return x.add_(self.mlp(self.norm2(x)))
+            x = x + self.attn.proj(y)
+            return x + mlp(self.norm2(x))
+        x = _add_linear(self.attn.proj, y, x)
+        return _add_linear(mlp.lin2, mlp.act(mlp.lin1(self.norm2(x))), x)
+
+
+def _add_linear(layer: nn.Module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + layer(y)`` for inference: one kernel for a packed layer, else in place into ``x``.
+
+    Both through the layer's ``__call__``, so its hooks still run (pre-encoding
+    pauses before every leaf layer).
+    """
+    if isinstance(layer, PackedLinear) and layer.activation == "none":
+        return layer(y, residual=x)
+    return x.add_(layer(y))
 
 
 class PatchEmbed(nn.Module):
