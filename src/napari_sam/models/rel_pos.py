@@ -17,12 +17,17 @@ Three ways to evaluate it, all equal up to rounding:
   the fused CPU kernel needs). Used for windows, where folding adds at most
   the head width.
 - :func:`biased_rel_pos_attention`: the fused kernel with the bias as a mask,
-  a few query rows of the grid at a time (bounded memory). Used for the
-  global grid in float32, where folding would triple the head width.
+  one head and a few query rows of the grid at a time (bounded memory).
+  Used for the global grid in float32, where folding would triple the head
+  width.
 - :func:`folded_matmul_attention`: the folded q', k' through plain batched
   matmuls and a softmax, a few heads at a time. Used for the global grid in
   half precision on CPUs without AMX, where bf16 matmuls are several times
   faster than the fused kernel (which computes in float32 there).
+
+All three take the per-axis terms ``rel_h``, ``rel_w`` from
+:func:`rel_pos_terms`: strided views of one product of the queries with
+both tables.
 
 On CPUs with AMX tiles the fused kernel runs bf16 through them, and the
 folded global grid goes through it too: ViT-B's 64 x 64 grid with 12 heads,
@@ -69,41 +74,6 @@ def _check_table(table: torch.Tensor, size: int) -> None:
         )
 
 
-def _offset_logits(
-    q: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    hw: tuple[int, int],
-    divisor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q . R[offset] / divisor`` for every offset, read as the two per-key terms.
-
-    One product of the queries with both tables, reversed and stacked
-    (``L = (2H - 1) + (2W - 1)`` rows), gives each query's logit for every
-    offset; query row ``r`` needs offsets ``r - 0, ..., r - (H - 1)``, which
-    in the reversed table are the ``H`` consecutive entries from
-    ``H - 1 - r``. So ``rel_h`` is a strided view of that product (one step
-    back per query row), as is ``rel_w`` (one step back per query column):
-    no expanded ``H x H x D`` table, no permuted copies of the queries.
-    """
-    h, w = hw
-    _check_table(rel_pos_h, h)
-    _check_table(rel_pos_w, w)
-    b, heads, n, _ = q.shape
-    tables = torch.cat([rel_pos_h.flip(0), rel_pos_w.flip(0)])
-    if divisor != 1.0:
-        tables = tables / divisor
-    logits = torch.matmul(q, tables.to(q.dtype).t())  # B x heads x N x L, contiguous
-    width = logits.shape[-1]
-    base = logits.storage_offset()
-    outer = (heads * n * width, n * width)  # batch, head
-    rel_h = logits.as_strided((b, heads, h, w, h), (*outer, w * width - 1, width, 1), base + h - 1)
-    rel_w = logits.as_strided(
-        (b, heads, h, w, w), (*outer, w * width, width - 1, 1), base + 2 * h - 1 + w - 1
-    )
-    return rel_h, rel_w
-
-
 def rel_pos_terms(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
@@ -138,8 +108,33 @@ def rel_pos_terms(
         them, do not write into them.
     rel_w : Tensor of shape (B, heads, H, W, W), dtype of ``q``
         Column term for each query and key column.
+
+    Notes
+    -----
+    One product of the queries with both tables, reversed and stacked
+    (``L = (2H - 1) + (2W - 1)`` rows), gives each query's logit for every
+    offset; query row ``r`` needs offsets ``r - 0, ..., r - (H - 1)``, which
+    in the reversed table are the ``H`` consecutive entries from
+    ``H - 1 - r``. So ``rel_h`` is a strided view of that product (one step
+    back per query row), as is ``rel_w`` (one step back per query column):
+    no expanded ``H x H x D`` table, no permuted copies of the queries.
     """
-    return _offset_logits(q, rel_pos_h, rel_pos_w, hw, divisor)
+    h, w = hw
+    _check_table(rel_pos_h, h)
+    _check_table(rel_pos_w, w)
+    b, heads, n, _ = q.shape
+    tables = torch.cat([rel_pos_h.flip(0), rel_pos_w.flip(0)])
+    if divisor != 1.0:
+        tables = tables / divisor
+    logits = torch.matmul(q, tables.to(q.dtype).t()).contiguous()  # B x heads x N x L
+    width = logits.shape[-1]
+    base = logits.storage_offset()
+    outer = (heads * n * width, n * width)  # batch, head
+    rel_h = logits.as_strided((b, heads, h, w, h), (*outer, w * width - 1, width, 1), base + h - 1)
+    rel_w = logits.as_strided(
+        (b, heads, h, w, w), (*outer, w * width, width - 1, 1), base + 2 * h - 1 + w - 1
+    )
+    return rel_h, rel_w
 
 
 def decomposed_rel_pos_bias(
@@ -202,7 +197,7 @@ def _fold(
     # Inference reads q back from its rows of q' (a plain row stride, no copy
     # for the product); autograd needs the product's input unchanged after.
     source = q if torch.is_grad_enabled() else q_aug[..., :d]
-    rel_h, rel_w = _offset_logits(source, rel_pos_h, rel_pos_w, hw, scale)
+    rel_h, rel_w = rel_pos_terms(source, rel_pos_h, rel_pos_w, hw, divisor=scale)
     grid = q_aug.view(b, heads, h, w, padded)
     grid[..., d : d + h] = rel_h
     grid[..., d + h : d + h + w] = rel_w
