@@ -335,7 +335,7 @@ def biased_rel_pos_attention(
         chunks = []
         for top in range(0, h, rows):
             bottom = min(top + rows, h)
-            # einsum's outputs are permuted views: add into a row-major block, so
+            # rel_h / rel_w are strided views: add into a row-major block, so
             # the mask below is a view, not one more copy of the largest tensor.
             part_h = rel_h[:, one, top:bottom, :, :, None]
             part_w = rel_w[:, one, top:bottom, :, None, :]
